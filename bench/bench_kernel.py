@@ -1,0 +1,160 @@
+"""Side-by-side benchmark: modbox-python against the stock python3 kernel, interleaved.
+
+Prints, for each kernel:
+
+* cold start: KernelManager.start_kernel() → execute_reply of the first ``1+1``
+  (for modbox-python this includes starting the embedded service, creating the
+  sandbox and starting the agent);
+* per-cell round trip p50/p95 for ``pass`` and ``print(1)`` (execute_request sent →
+  status idle received, output included);
+* stream latency p50/p95: ``print`` of a timestamp in the kernel/sandbox → arrival of
+  the IOPub stream message here (same host clock);
+* restart: KernelManager.restart_kernel() → execute_reply of the next cell.
+
+and the ratios modbox/python3. Usage: ``python bench/bench_kernel.py [--rounds N]``.
+By default modbox-python uses the embedded local backend (as `make demo` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+from jupyter_client.manager import KernelManager
+
+KERNELS = ("python3", "modbox-python")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def run_cell(kc: Any, code: str, timeout: float = 60.0) -> tuple[float, list[dict], dict]:
+    """Execute and wait for idle; return (seconds, iopub messages, reply)."""
+    t0 = time.perf_counter()
+    msg_id = kc.execute(code)
+    msgs = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    elapsed = time.perf_counter() - t0
+    reply = kc.get_shell_msg(timeout=timeout)
+    return elapsed, msgs, reply
+
+
+def start(name: str) -> tuple[KernelManager, Any, float]:
+    t0 = time.perf_counter()
+    km = KernelManager(kernel_name=name)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=120)
+    _, _, reply = run_cell(kc, "1+1", timeout=120)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return km, kc, time.perf_counter() - t0
+
+
+def stream_latencies(kc: Any, lines: int = 40, interval: float = 0.05) -> list[float]:
+    code = (
+        "import time\n"
+        f"for _ in range({lines}):\n"
+        "    print(f'T{time.time():.6f}', flush=True)\n"
+        f"    time.sleep({interval})\n"
+    )
+    msg_id = kc.execute(code)
+    lat: list[float] = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        now = time.time()
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            for line in msg["content"]["text"].splitlines():
+                if line.startswith("T"):
+                    lat.append(now - float(line[1:]))
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    kc.get_shell_msg(timeout=60)
+    return lat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=60, help="cells per code sample")
+    parser.add_argument("--cold", type=int, default=3, help="cold starts per kernel")
+    args = parser.parse_args()
+    os.environ.setdefault("MODBOX_BACKEND", "local")
+
+    cold: dict[str, list[float]] = {k: [] for k in KERNELS}
+    for _ in range(args.cold):  # interleaved cold starts
+        for name in KERNELS:
+            km, kc, seconds = start(name)
+            cold[name].append(seconds)
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
+
+    sessions = {name: start(name)[:2] for name in KERNELS}
+    samples: dict[tuple[str, str], list[float]] = {}
+    for code in ("pass", "print(1)"):
+        for name in KERNELS:  # warm up
+            for _ in range(5):
+                run_cell(sessions[name][1], code)
+        for _ in range(args.rounds):
+            for name in KERNELS:  # interleave so drift hits both the same way
+                seconds, _, _ = run_cell(sessions[name][1], code)
+                samples.setdefault((name, code), []).append(seconds * 1000)
+
+    latency = {name: [x * 1000 for x in stream_latencies(sessions[name][1])] for name in KERNELS}
+
+    restart: dict[str, list[float]] = {k: [] for k in KERNELS}
+    for _ in range(3):
+        for name in KERNELS:
+            km, kc = sessions[name]
+            run_cell(kc, "x = 1")
+            t0 = time.perf_counter()
+            km.restart_kernel(now=False)
+            kc.wait_for_ready(timeout=120)
+            _, _, reply = run_cell(kc, "'x' in dir()", timeout=120)
+            restart[name].append(time.perf_counter() - t0)
+            assert reply["content"]["status"] == "ok", reply["content"]
+
+    for km, kc in sessions.values():
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+    print(f"\n{'metric':34} {'python3':>10} {'modbox':>10} {'ratio':>7}")
+
+    def row(label: str, a: float, b: float, unit: str) -> None:
+        print(f"{label:34} {a:9.1f}{unit} {b:9.1f}{unit} {b / a:6.2f}x")
+
+    for code in ("pass", "print(1)"):
+        for q in (50, 95):
+            a = pct(samples[("python3", code)], q)
+            b = pct(samples[("modbox-python", code)], q)
+            row(f"cell `{code}` p{q}", a, b, "ms")
+    for q in (50, 95):
+        row(
+            f"stream latency p{q}",
+            pct(latency["python3"], q),
+            pct(latency["modbox-python"], q),
+            "ms",
+        )
+    row("cold start to first result (median)", statistics.median(cold["python3"]),
+        statistics.median(cold["modbox-python"]), "s ")
+    row("restart to next result (median)", statistics.median(restart["python3"]),
+        statistics.median(restart["modbox-python"]), "s ")
+
+
+if __name__ == "__main__":
+    main()
