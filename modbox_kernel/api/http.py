@@ -1,0 +1,278 @@
+"""One logical HTTP call: retries, timing log, and failures turned into sentences.
+
+:class:`Requester` is shared plumbing for
+:class:`~modbox_kernel.api.client.ModboxClient` (control plane) and
+:class:`~modbox_kernel.api.runtime.SandboxRuntime` (exec / upload). Each of them owns
+one ``httpx.AsyncClient`` (kept alive across calls: a fresh TCP connection per exec
+would dominate its latency) and one ``Requester`` around it.
+
+Every answer is logged at DEBUG as method, path, status and duration, never headers,
+query strings or bodies: headers carry bearer tokens and bodies carry cell source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from modbox_kernel.errors import (
+    ApiError,
+    ConfigurationError,
+    ModboxError,
+    ModboxTimeoutError,
+    ServiceUnreachableError,
+    api_error_from_response,
+)
+
+from .retry import RetryMode, RetryPolicy, parse_retry_after
+from .urls import redact_url
+
+__all__ = ["Requester", "RetryCallback", "RetryNotice", "parse_json_object"]
+
+logger = logging.getLogger("modbox_kernel.api")
+
+
+def parse_json_object(
+    response: httpx.Response, what: str, *, hint: str | None = None
+) -> dict[str, Any]:
+    """The response body as a JSON object, or an ApiError saying it is not one."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        snippet = " ".join(response.text.split())[:120]
+        raise ApiError(
+            f"{what} failed: the answer (HTTP {response.status_code}) is not a JSON "
+            f"object: {snippet!r}",
+            status_code=response.status_code,
+            code="invalid_response",
+            hint=hint,
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """Passed to an ``on_retry`` callback before each backoff sleep.
+
+    The session uses it to tell the user why a cell is waiting ("rate-limited by
+    Modbox, retrying in 20 s").
+    """
+
+    what: str
+    reason: str
+    delay: float
+    attempt: int
+    max_attempts: int
+
+
+RetryCallback = Callable[[RetryNotice], None]
+
+
+class Requester:
+    """Sends requests through one ``httpx.AsyncClient`` according to a RetryPolicy.
+
+    ``service`` names the other side in messages ("Modbox", "the sandbox runtime
+    API"); ``unreachable_hint`` says what to check when nothing answers.
+    ``secrets`` are scrubbed from any message built from a transport error, a last
+    line of defence in case a library puts a URL or header into its exception text.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        policy: RetryPolicy,
+        *,
+        service: str,
+        unreachable_hint: str,
+        timeout_hint: str,
+        status_hints: Mapping[int, str] | None = None,
+        secrets: Iterable[str | None] = (),
+        on_retry: RetryCallback | None = None,
+    ) -> None:
+        self.http = http
+        self.policy = policy
+        self._service = service
+        self._unreachable_hint = unreachable_hint
+        self._timeout_hint = timeout_hint
+        self._status_hints = dict(status_hints or {})
+        self._secrets = tuple(s for s in secrets if s)
+        self._on_retry = on_retry
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        mode: RetryMode,
+        json: Any = None,
+        files: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        read_timeout: float | None = None,
+        deadline: float | None = None,
+        accept_status: Collection[int] = (),
+    ) -> httpx.Response:
+        """Send until success, a final error, ``max_attempts`` or ``deadline``.
+
+        Returns the response when it is 2xx or its status is in ``accept_status``
+        (``destroy`` accepts 404). Raises an ``ApiError`` subclass for any other
+        answer, ``ServiceUnreachableError`` / ``ModboxTimeoutError`` when no answer
+        came. ``deadline`` is a ``time.monotonic()`` value no backoff sleeps past.
+        """
+        timeout = self._timeout(read_timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            request = self.http.build_request(
+                method, url, json=json, files=files, params=params, headers=headers, timeout=timeout
+            )
+            started = time.monotonic()
+            try:
+                response = await self.http.send(request)
+            except httpx.HTTPError as exc:
+                elapsed = (time.monotonic() - started) * 1000.0
+                logger.debug(
+                    "%s %s -> %s after %.1f ms",
+                    method,
+                    request.url.path,
+                    type(exc).__name__,
+                    elapsed,
+                )
+                if self.policy.should_retry_error(mode, exc) and await self._backoff(
+                    what, type(exc).__name__, attempt, None, deadline
+                ):
+                    continue
+                raise self._transport_error(exc, what, request.url, mode, timeout) from exc
+            logger.debug(
+                "%s %s -> %d in %.1f ms",
+                method,
+                request.url.path,
+                response.status_code,
+                (time.monotonic() - started) * 1000.0,
+            )
+            if response.is_success or response.status_code in accept_status:
+                return response
+            if self.policy.should_retry_status(mode, response.status_code) and await self._backoff(
+                what,
+                f"HTTP {response.status_code}",
+                attempt,
+                parse_retry_after(response.headers),
+                deadline,
+            ):
+                continue
+            raise self._api_error(response, what, attempt)
+
+    def _timeout(self, read_timeout: float | None) -> httpx.Timeout:
+        base = self.http.timeout
+        if read_timeout is None:
+            return base
+        return httpx.Timeout(
+            connect=base.connect, read=read_timeout, write=base.write, pool=base.pool
+        )
+
+    async def _backoff(
+        self,
+        what: str,
+        reason: str,
+        attempt: int,
+        retry_after: float | None,
+        deadline: float | None,
+    ) -> bool:
+        """Sleep before the next attempt; False when attempts or time ran out."""
+        if attempt >= self.policy.max_attempts:
+            return False
+        delay = self.policy.delay(attempt, retry_after)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return False
+        logger.info(
+            "%s: %s; retrying in %.1f s (attempt %d of %d)",
+            what,
+            reason,
+            delay,
+            attempt + 1,
+            self.policy.max_attempts,
+        )
+        if self._on_retry is not None:
+            self._on_retry(RetryNotice(what, reason, delay, attempt + 1, self.policy.max_attempts))
+        await asyncio.sleep(delay)
+        return True
+
+    def _api_error(self, response: httpx.Response, what: str, attempts: int) -> ApiError:
+        err = api_error_from_response(
+            response.status_code, response.content, response.headers, what=what
+        )
+        hint = self._status_hints.get(response.status_code, err.hint)
+        message = err.message
+        if attempts > 1:
+            message = f"{message} (after {attempts} attempts)"
+        if hint == err.hint and message == err.message:
+            return err
+        return type(err)(
+            self._scrub(message),
+            status_code=err.status_code,
+            code=err.code,
+            hint=hint,
+            request_id=err.request_id,
+            retryable=err.retryable,
+            details=err.details,
+            retry_after=err.retry_after,
+        )
+
+    def _transport_error(
+        self,
+        exc: httpx.HTTPError,
+        what: str,
+        url: httpx.URL,
+        mode: RetryMode,
+        timeout: httpx.Timeout,
+    ) -> ModboxError:
+        where = f"{self._service} at {redact_url(url)}"
+        detail = self._scrub(str(exc)) or type(exc).__name__
+        # Only a failed connect proves the request never arrived; after that an
+        # exec may have run, and the user must not be told it did not.
+        unknown = (
+            "; the command may or may not have run"
+            if mode is not RetryMode.SAFE
+            and not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+            else ""
+        )
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return ServiceUnreachableError(
+                f"{what} failed: could not connect to {where} ({detail})",
+                hint=self._unreachable_hint,
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            seconds = {
+                httpx.ReadTimeout: timeout.read,
+                httpx.WriteTimeout: timeout.write,
+                httpx.PoolTimeout: timeout.pool,
+            }.get(type(exc))
+            within = f" within {seconds:g} s" if seconds is not None else ""
+            return ModboxTimeoutError(
+                f"{what} failed: no answer from {where}{within}{unknown}",
+                hint=self._timeout_hint,
+            )
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL | httpx.LocalProtocolError):
+            return ConfigurationError(
+                f"{what} failed: the request to {where} could not be built ({detail})",
+                hint=self._unreachable_hint,
+            )
+        return ServiceUnreachableError(
+            f"{what} failed: the connection to {where} was lost "
+            f"({type(exc).__name__}: {detail}){unknown}",
+            hint=self._unreachable_hint,
+        )
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text

@@ -1,0 +1,118 @@
+"""Where requests go: base-URL checks, sandbox paths, runtime URLs, safe URL text.
+
+Pure functions used by :mod:`.client`, :mod:`.runtime` and :mod:`.blocking`. The
+runtime URL rules follow design.md §3 rule 1: prefer ``capabilities.exec`` /
+``capabilities.files`` (the SDK says paths differ between images), else the older
+guides' ``{sandbox_url}/modbox/api/...``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import quote
+
+import httpx
+
+from modbox_kernel.errors import ConfigurationError, SandboxError
+
+from .models import SandboxInfo
+
+__all__ = [
+    "check_base_url",
+    "exec_url",
+    "redact_url",
+    "sandbox_path",
+    "trust_env_for",
+    "upload_url",
+]
+
+_RUNTIME_PREFIX = "/modbox/api"
+
+
+def redact_url(url: str | httpx.URL) -> str:
+    """``scheme://host[:port]/path`` only: no userinfo, no query, no fragment.
+
+    Used in every message and log line that names a URL, because either part may
+    hold a credential (``https://user:token@host``, ``?access_token=``).
+    """
+    try:
+        parsed = httpx.URL(str(url))
+    except (httpx.InvalidURL, TypeError):
+        return "<invalid URL>"
+    netloc = parsed.host
+    if ":" in netloc:  # IPv6 literal
+        netloc = f"[{netloc}]"
+    if parsed.port is not None:
+        netloc = f"{netloc}:{parsed.port}"
+    return f"{parsed.scheme}://{netloc}{parsed.path}"
+
+
+def check_base_url(base_url: str) -> str:
+    """Return ``base_url`` without a trailing slash, or raise ConfigurationError.
+
+    Checked up front so that a typo in MODBOX_API_URL is reported as one, not as a
+    confusing transport error on the first call.
+    """
+    try:
+        parsed = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ConfigurationError(
+            "the Modbox API URL is not a valid URL",
+            hint="set MODBOX_API_URL to e.g. https://api.modbox.run",
+        ) from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigurationError(
+            f"the Modbox API URL {redact_url(base_url)!r} is not an http(s) URL",
+            hint="set MODBOX_API_URL to e.g. https://api.modbox.run",
+        )
+    return base_url.rstrip("/")
+
+
+def trust_env_for(url: str) -> bool:
+    """Whether httpx should honour HTTP(S)_PROXY and friends for this URL.
+
+    Remote Modbox may sit behind a corporate proxy, so the environment counts. The
+    embedded service is on loopback: a proxy without a NO_PROXY entry for it would
+    swallow every call, so proxies are ignored there.
+    """
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def sandbox_path(sandbox_id: str, suffix: str = "") -> str:
+    """``/sandboxes/{id}{suffix}`` with the id percent-encoded.
+
+    An id comes from a server answer or a user; encoding it keeps a stray ``/`` or
+    ``?`` from addressing a different route.
+    """
+    return f"/sandboxes/{quote(sandbox_id, safe='')}{suffix}"
+
+
+def _runtime_base(info: SandboxInfo) -> str:
+    if info.sandbox_url:
+        return info.sandbox_url.rstrip("/") + _RUNTIME_PREFIX
+    if info.api_url:
+        # Unknown whether api_url already ends in /modbox/api (modbox-api.md §b.1).
+        base = info.api_url.rstrip("/")
+        return base if base.endswith(_RUNTIME_PREFIX) else base + _RUNTIME_PREFIX
+    raise SandboxError(
+        f"sandbox {info.id} has no runtime URL yet (status {info.status or 'unknown'})",
+        hint="wait until it is running (ModboxClient.wait_until_running) before exec",
+    )
+
+
+def exec_url(info: SandboxInfo) -> str:
+    """Absolute URL of the sandbox's exec endpoint."""
+    cap = info.capabilities.get("exec")
+    return cap if cap else _runtime_base(info) + "/exec"
+
+
+def upload_url(info: SandboxInfo) -> str:
+    """Absolute URL of the sandbox's upload endpoint (``capabilities.files`` + /upload)."""
+    cap = info.capabilities.get("files")
+    return cap.rstrip("/") + "/upload" if cap else _runtime_base(info) + "/files/upload"
