@@ -65,6 +65,17 @@ def check_base_url(base_url: str) -> str:
             f"the Modbox API URL {redact_url(base_url)!r} is not an http(s) URL",
             hint="set MODBOX_API_URL to e.g. https://api.modbox.run",
         )
+    if parsed.userinfo:
+        # httpx would turn userinfo into Basic auth and replace the bearer token.
+        raise ConfigurationError(
+            f"the Modbox API URL {redact_url(base_url)!r} contains credentials",
+            hint="remove them from MODBOX_API_URL and set MODBOX_API_TOKEN instead",
+        )
+    if parsed.query or parsed.fragment:
+        raise ConfigurationError(
+            f"the Modbox API URL {redact_url(base_url)!r} has a query or fragment",
+            hint="set MODBOX_API_URL to the bare base URL, e.g. https://api.modbox.run",
+        )
     return base_url.rstrip("/")
 
 
