@@ -157,6 +157,15 @@ async def test_repeated_503_ends_in_one_server_error_after_max_attempts() -> Non
     assert "after 3 attempts" in str(caught.value)
 
 
+async def test_5xx_marked_not_retryable_is_not_retried() -> None:
+    body = {"error": {"code": "provisioning_failed", "message": "image broken", "retryable": False}}
+    rec = Recorder(httpx.Response(500, json=body), provisioned())
+    async with client_for(rec) as client:
+        with pytest.raises(ServerError, match="image broken"):
+            await client.create_sandbox()
+    assert len(rec.requests) == 1
+
+
 async def test_401_is_not_retried_and_names_the_token_setting() -> None:
     rec = Recorder(envelope(401, "invalid_token", "token not recognised"))
     async with client_for(rec) as client:

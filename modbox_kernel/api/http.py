@@ -58,6 +58,17 @@ def parse_json_object(
     return data
 
 
+def _envelope_retryable(response: httpx.Response) -> bool | None:
+    """The envelope's ``error.retryable`` flag: a server that says False is believed."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    flag = err.get("retryable") if isinstance(err, dict) else None
+    return flag if isinstance(flag, bool) else None
+
+
 @dataclass(frozen=True)
 class RetryNotice:
     """Passed to an ``on_retry`` callback before each backoff sleep.
@@ -161,7 +172,10 @@ class Requester:
             )
             if response.is_success or response.status_code in accept_status:
                 return response
-            if self.policy.should_retry_status(mode, response.status_code) and await self._backoff(
+            if (
+                self.policy.should_retry_status(mode, response.status_code)
+                and _envelope_retryable(response) is not False
+            ) and await self._backoff(
                 what,
                 f"HTTP {response.status_code}",
                 attempt,
