@@ -63,7 +63,9 @@ def service_env(base_url: str, token: str) -> dict[str, str]:
     return env
 
 
-def env_for_kernel(request: pytest.FixtureRequest, kernel_name: str = KERNEL_NAME) -> dict[str, str]:
+def env_for_kernel(
+    request: pytest.FixtureRequest, kernel_name: str = KERNEL_NAME
+) -> dict[str, str]:
     """Launch environment for ``kernel_name``: the shared service for modbox kernels.
 
     The ``local_service`` fixture (tests/conftest.py) is only requested when a modbox
