@@ -1,0 +1,15 @@
+"""The embedded Modbox-compatible service: ``python -m modbox_kernel.local``.
+
+It serves the Modbox control plane (canonical and legacy sandbox routes, images,
+health) and each sandbox's runtime API (exec, files) on 127.0.0.1, running every
+sandbox as a long-lived bubblewrap jail — or, where bwrap is unusable, as plain child
+processes, loudly. The kernel starts it as a subprocess when no Modbox token is
+configured; nothing here imports ``api``, ``session`` or ``kernel``.
+
+Modules, in call order: ``__main__`` (CLI, startup line) → ``isolation`` (probe,
+choose the jail) and ``cgroups`` (limits) → ``app`` (Starlette, envelope, request ids)
+→ ``routes_control`` / ``routes_runtime`` → ``registry`` (lifecycle, TTL) →
+``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the jail).
+``jail`` builds the argv, ``files`` does symlink-proof workspace I/O, ``procscan``
+finds stray processes, ``shapes`` holds the SDK's JSON shapes.
+"""

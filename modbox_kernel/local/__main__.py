@@ -1,0 +1,226 @@
+"""``python -m modbox_kernel.local``: run the embedded Modbox-compatible service.
+
+Who runs it: the kernel (as a child process, with ``--port 0 --exit-with-parent``),
+tests (``tests/conftest.py``) and people. Once listening it prints exactly one JSON
+line to stdout — ``{"base_url", "token", "pid", "isolation"}`` — so the parent learns
+where it is and how to authenticate; that line is the only place the token appears.
+Logs go to stderr. SIGTERM/SIGINT (or the parent's death with
+``--exit-with-parent``) destroy every sandbox and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import uvicorn
+
+from .app import build_app
+from .cgroups import detect as detect_cgroups
+from .config import MIB, Limits, ServiceConfig
+from .isolation import StartupError, choose_jail
+from .registry import Registry
+from .shapes import builtin_image
+from .state import ServiceState
+
+log = logging.getLogger("modbox_kernel.local")
+
+PARENT_POLL_S = 0.25
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog="python -m modbox_kernel.local",
+        description="Serve the Modbox API (control plane and sandbox runtime) for local "
+        "sandboxes: bubblewrap jails, or plain processes where bwrap is unusable.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="control-plane bearer token (default: $MODBOX_LOCAL_TOKEN, else random per start)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where sandbox workspaces live (default: a fresh temp dir, removed on exit)",
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=["auto", "bwrap", "none"],
+        default=env.get("MODBOX_LOCAL_ISOLATION", "auto"),
+        help="auto: bwrap if a probe jail works, else none with a warning "
+        "(default: $MODBOX_LOCAL_ISOLATION or auto)",
+    )
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="share the host's network with sandboxes (default: no network)",
+    )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit (destroying all sandboxes) when the parent process dies",
+    )
+    parser.add_argument("--exec-timeout", type=float, default=300.0, help="default exec limit (s)")
+    parser.add_argument(
+        "--output-cap-mib", type=int, default=16, help="per-stream exec output cap (MiB)"
+    )
+    parser.add_argument(
+        "--memory-mib", type=int, default=2048, help="per-sandbox memory limit (MiB, cgroup)"
+    )
+    parser.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes at most")
+    parser.add_argument(
+        "--log-level",
+        default=env.get("MODBOX_LOCAL_LOG_LEVEL", "INFO"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    return parser.parse_args(argv)
+
+
+def _require_isolation() -> bool:
+    return os.environ.get("MODBOX_REQUIRE_ISOLATION", "").strip().lower() in ("1", "true", "yes")
+
+
+def _base_url(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only
+    # when the listening socket says it is TCP, and without it every response (headers
+    # and body are two writes) waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def _watch_parent(server: uvicorn.Server, parent: int) -> None:
+    # Polling getppid() rather than PR_SET_PDEATHSIG: PDEATHSIG follows the parent
+    # *thread* that forked us, and a kernel may spawn us from a short-lived thread.
+    while not server.should_exit:
+        if os.getppid() != parent:
+            log.warning("parent process %d is gone; shutting down", parent)
+            server.should_exit = True
+            return
+        await asyncio.sleep(PARENT_POLL_S)
+
+
+async def _serve(
+    server: uvicorn.Server, sock: socket.socket, state: ServiceState, parent: int | None
+) -> int:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    # uvicorn offers no "started" event to await; its own tests poll this flag too.
+    while not server.started and not serving.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    if not server.started:
+        await serving
+        return 1
+    line = {
+        "base_url": state.base_url,
+        "token": state.config.token,
+        "pid": os.getpid(),
+        "isolation": state.isolation,
+    }
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+    log.info(
+        "listening on %s (isolation: %s; %s)", state.base_url, state.isolation, state.limits_note
+    )
+    watcher = asyncio.create_task(_watch_parent(server, parent)) if parent else None
+    await serving
+    if watcher is not None:
+        watcher.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parent = os.getppid()
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    limits = Limits(
+        exec_timeout_default=args.exec_timeout,
+        output_cap=args.output_cap_mib * MIB,
+        memory=args.memory_mib * MIB,
+        max_sandboxes=args.max_sandboxes,
+    )
+    temporary = args.state_dir is None
+    state_dir = Path(tempfile.mkdtemp(prefix="modbox-local-")) if temporary else args.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config = ServiceConfig(
+            host=args.host,
+            port=args.port,
+            token=args.token or os.environ.get("MODBOX_LOCAL_TOKEN") or secrets.token_urlsafe(32),
+            state_dir=state_dir.resolve(),
+            isolation=args.isolation,
+            require_isolation=_require_isolation(),
+            network=args.network,
+            limits=limits,
+        )
+        try:
+            jail = choose_jail(config.isolation, config.require_isolation, limits, config.state_dir)
+            sock = _bind(config.host, config.port)
+        except (StartupError, OSError) as exc:
+            print(f"modbox-local: cannot start: {exc}", file=sys.stderr, flush=True)
+            return 2
+        cgroups = detect_cgroups(limits.memory, limits.nproc)
+        cgroups.reap_stale()
+        note = cgroups.description
+        if not cgroups.enforces_memory:
+            note += f"; RLIMIT_AS {limits.address_space // MIB} MiB per process"
+        log.info("state dir %s; resource limits: %s", config.state_dir, note)
+        state = ServiceState(
+            config=config,
+            registry=Registry(config, jail, cgroups),
+            isolation=jail.mode,
+            limits_note=note,
+            image=builtin_image(datetime.now(timezone.utc)),
+            base_url=_base_url(config.host, sock.getsockname()[1]),
+            remove_on_exit=[state_dir] if temporary else [],
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_app(state),
+                loop="asyncio",
+                http="h11",
+                ws="none",
+                lifespan="on",
+                access_log=False,
+                log_config=None,
+                timeout_graceful_shutdown=5,
+            )
+        )
+        return asyncio.run(_serve(server, sock, state, parent if args.exit_with_parent else None))
+    finally:
+        if temporary:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The Starlette application: routes, request ids, error envelope, lifespan.
+
+Who calls it: ``__main__`` calls :func:`build_app` with the :class:`ServiceState` and
+serves the result with uvicorn. The lifespan runs the TTL reaper and, on shutdown,
+destroys every sandbox.
+
+Error handling: route code raises ``ServiceError`` for answers it means; Starlette's
+own HTTP errors (unknown route, wrong method, broken multipart) become envelopes too;
+anything else becomes a 500 ``internal_error`` envelope whose body holds no traceback
+(the traceback goes to the log). Every response carries ``X-Request-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import routes_control, routes_runtime
+from .envelope import REQUEST_ID_HEADER, ServiceError, envelope_response
+from .state import ServiceState
+
+log = logging.getLogger(__name__)
+
+_SCOPE_KEY = "modbox.request_id"
+_HTTP_CODES = {
+    400: "validation_error",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "validation_error",
+    409: "conflict",
+    413: "validation_error",
+    422: "validation_error",
+    429: "rate_limited",
+}
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (scope key) and every response the X-Request-Id header.
+
+    Pure ASGI rather than BaseHTTPMiddleware: it sits on the exec hot path and adds
+    nothing but a header.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"req_{secrets.token_hex(8)}"
+        scope[_SCOPE_KEY] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER.lower() not in headers:
+                    headers.append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    rid = request.scope.get(_SCOPE_KEY)
+    return rid if isinstance(rid, str) else f"req_{secrets.token_hex(8)}"
+
+
+async def _on_service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return envelope_response(exc, _request_id(request))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "internal_error")
+    if exc.status_code == 404:
+        message = f"No route {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+    else:
+        message = str(exc.detail)
+    error = ServiceError(exc.status_code, code, message, headers=dict(exc.headers or {}))
+    return envelope_response(error, _request_id(request))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    request_id = _request_id(request)
+    log.error(
+        "request %s failed: %s %s", request_id, request.method, request.url.path, exc_info=exc
+    )
+    error = ServiceError(
+        500,
+        "internal_error",
+        f"The local Modbox service failed to handle this request ({type(exc).__name__}).",
+        hint=f"See the service log for request {request_id}.",
+        retryable=False,
+    )
+    return envelope_response(error, request_id)
+
+
+def build_app(state: ServiceState) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(state.registry.run_reaper(), name="ttl-reaper")
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await asyncio.gather(reaper, return_exceptions=True)
+            await state.registry.close()
+            for path in state.remove_on_exit:
+                await asyncio.to_thread(shutil.rmtree, path, True)
+
+    app = Starlette(
+        routes=[*routes_control.routes, *routes_runtime.routes],
+        exception_handlers={
+            ServiceError: _on_service_error,
+            HTTPException: _on_http_error,
+            Exception: _on_unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestIdMiddleware)
+    app.state.service = state
+    return app

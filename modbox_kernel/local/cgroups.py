@@ -1,0 +1,272 @@
+"""Per-sandbox memory and pids limits through cgroups, where this host lets us write them.
+
+Who calls what: ``__main__`` calls :func:`detect` once at startup and logs its
+``description``; ``registry`` calls :meth:`CgroupManager.create` before starting a
+sandbox (the jail launcher joins the returned ``procs_files``) and
+:meth:`SandboxCgroup.kill_and_remove` when destroying it.
+
+Why: bwrap enforces no resource limits (reliability.md §0.1), RLIMIT_AS is per process
+and RLIMIT_NPROC does nothing for uid 0 (§2.3), so a memory and a pids cgroup are the
+only real bound on one sandbox. Each sandbox gets a child of the cgroup the service
+itself runs in (never one higher up: a sandbox must stay inside whatever limits the
+service was given). cgroup v1 (separate ``memory`` and ``pids`` hierarchies) and v2
+(when ``memory``/``pids`` can be enabled for our children) are supported; with neither
+writable the service runs without and says so.
+
+All functions are blocking file-system calls; callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PREFIX = "modbox-"
+
+
+@dataclass(frozen=True)
+class SandboxCgroup:
+    """The cgroup directories of one sandbox (one per v1 hierarchy, or one v2 dir)."""
+
+    dirs: tuple[Path, ...]
+
+    @property
+    def procs_files(self) -> tuple[Path, ...]:
+        return tuple(d / "cgroup.procs" for d in self.dirs)
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for procs in self.procs_files:
+            with contextlib.suppress(OSError):
+                found.update(int(x) for x in procs.read_text().split())
+        return found
+
+    def kill_and_remove(self, grace: float = 2.0) -> bool:
+        """SIGKILL everything still in the cgroup, then remove it. True when removed."""
+        deadline = time.monotonic() + grace
+        for d in self.dirs:
+            kill_file = d / "cgroup.kill"  # v2, Linux >= 5.14
+            if kill_file.exists():
+                with contextlib.suppress(OSError):
+                    kill_file.write_text("1")
+        while True:
+            pids = self.pids()
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            removed = True
+            for d in self.dirs:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    removed = False  # EBUSY until the killed processes are reaped
+            if removed:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("cgroup %s still busy after %.1f s", self.dirs[0].name, grace)
+                return False
+            time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class CgroupManager:
+    """Where sandbox cgroups are created and which limits they carry."""
+
+    version: str  # "v1" | "v2" | "none"
+    memory_base: Path | None
+    pids_base: Path | None
+    memory_limit: int
+    pids_limit: int
+
+    @property
+    def enforces_memory(self) -> bool:
+        return self.memory_base is not None
+
+    @property
+    def description(self) -> str:
+        if self.version == "none":
+            return "no writable cgroup (memory bounded only by RLIMIT_AS per process)"
+        parts = []
+        if self.memory_base is not None:
+            parts.append(f"memory {self.memory_limit // (1024 * 1024)} MiB")
+        if self.pids_base is not None:
+            parts.append(f"pids {self.pids_limit}")
+        return f"cgroup {self.version}: " + ", ".join(parts)
+
+    def create(self, sandbox_id: str) -> SandboxCgroup | None:
+        if self.version == "none":
+            return None
+        name = f"{PREFIX}{os.getpid()}-{sandbox_id}"
+        dirs: list[Path] = []
+        try:
+            if self.version == "v2":
+                assert self.memory_base is not None
+                d = self.memory_base / name
+                d.mkdir()
+                dirs.append(d)
+                _write_v2_limits(d, self.memory_limit, self.pids_limit)
+            else:
+                if self.memory_base is not None:
+                    d = self.memory_base / name
+                    d.mkdir()
+                    dirs.append(d)
+                    _write_v1_memory(d, self.memory_limit)
+                if self.pids_base is not None:
+                    d = self.pids_base / name
+                    d.mkdir()
+                    dirs.append(d)
+                    (d / "pids.max").write_text(str(self.pids_limit))
+        except OSError as exc:
+            log.warning("could not set up the cgroup of sandbox %s: %s", sandbox_id, exc)
+            SandboxCgroup(tuple(dirs)).kill_and_remove(grace=0.5)
+            return None
+        return SandboxCgroup(tuple(dirs))
+
+    def reap_stale(self) -> None:
+        """Remove sandbox cgroups left by a service that died (its pid is gone)."""
+        for base in {b for b in (self.memory_base, self.pids_base) if b is not None}:
+            with contextlib.suppress(OSError):
+                for child in base.iterdir():
+                    owner = _owner_pid(child.name)
+                    if owner is not None and not _alive(owner):
+                        SandboxCgroup((child,)).kill_and_remove(grace=0.5)
+
+
+def detect(memory_limit: int, pids_limit: int) -> CgroupManager:
+    """Find cgroup hierarchies we may create children in (tested with a probe child)."""
+    none = CgroupManager("none", None, None, memory_limit, pids_limit)
+    try:
+        mounts = _cgroup_mounts()
+        own = _own_cgroups()
+    except OSError:
+        return none
+    memory_v1 = _v1_base(mounts, own, "memory")
+    pids_v1 = _v1_base(mounts, own, "pids")
+    if memory_v1 is not None or pids_v1 is not None:
+        manager = CgroupManager("v1", memory_v1, pids_v1, memory_limit, pids_limit)
+        if _probe(manager):
+            return manager
+    v2 = _v2_base(mounts, own)
+    if v2 is not None:
+        manager = CgroupManager("v2", v2, v2, memory_limit, pids_limit)
+        if _probe(manager):
+            return manager
+    return none
+
+
+def _probe(manager: CgroupManager) -> bool:
+    cg = manager.create("probe")
+    if cg is None:
+        return False
+    return cg.kill_and_remove(grace=0.5)
+
+
+def _write_v1_memory(d: Path, limit: int) -> None:
+    # memory.limit_in_bytes must be set before memsw (reliability.md §1.2, snekbox).
+    (d / "memory.limit_in_bytes").write_text(str(limit))
+    memsw = d / "memory.memsw.limit_in_bytes"
+    if memsw.exists():
+        with contextlib.suppress(OSError):
+            memsw.write_text(str(limit))  # no swap beyond the memory limit
+
+
+def _write_v2_limits(d: Path, memory: int, pids: int) -> None:
+    (d / "memory.max").write_text(str(memory))
+    for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+        with contextlib.suppress(OSError):
+            (d / name).write_text(value)
+    (d / "pids.max").write_text(str(pids))
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(fstype, root, mountpoint, super options) of every cgroup mount."""
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) < 5 or len(rfields) < 3:
+                continue
+            fstype = rfields[0]
+            if fstype in ("cgroup", "cgroup2"):
+                opts = set(rfields[2].split(","))
+                mounts.append((fstype, fields[3], fields[4], opts))
+    return mounts
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller -> our path (key "" is the v2 path)."""
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(":", 2)
+            if len(parts) != 3:
+                continue
+            for controller in parts[1].split(",") if parts[1] else [""]:
+                own[controller] = parts[2]
+    return own
+
+
+def _join(mountpoint: str, root: str, own: str) -> Path:
+    rel = own[len(root) :] if root != "/" and own.startswith(root) else own
+    return Path(mountpoint) / rel.lstrip("/")
+
+
+def _v1_base(
+    mounts: list[tuple[str, str, str, set[str]]], own: dict[str, str], ctl: str
+) -> Path | None:
+    for fstype, root, mountpoint, opts in mounts:
+        if fstype == "cgroup" and ctl in opts and ctl in own:
+            base = _join(mountpoint, root, own[ctl])
+            if os.access(base, os.W_OK):
+                return base
+    return None
+
+
+def _v2_base(mounts: list[tuple[str, str, str, set[str]]], own: dict[str, str]) -> Path | None:
+    if "" not in own:
+        return None
+    for fstype, root, mountpoint, _ in mounts:
+        if fstype != "cgroup2":
+            continue
+        base = _join(mountpoint, root, own[""])
+        try:
+            controllers = set((base / "cgroup.controllers").read_text().split())
+            if not {"memory", "pids"} <= controllers:
+                continue
+            enabled = set((base / "cgroup.subtree_control").read_text().split())
+            if not {"memory", "pids"} <= enabled:
+                # Fails with EBUSY while processes (we) live in base: the
+                # "no internal processes" rule (reliability.md §2.4).
+                (base / "cgroup.subtree_control").write_text("+memory +pids")
+            return base
+        except OSError:
+            continue
+    return None
+
+
+def _owner_pid(name: str) -> int | None:
+    if not name.startswith(PREFIX):
+        return None
+    head = name[len(PREFIX) :].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,48 @@
+"""Find and kill host processes that belong to one sandbox.
+
+Who calls it: ``registry`` on destroy (after killing the jail), as the only teardown in
+``none`` mode and as a final sweep under bwrap. A sandbox process is recognised by
+``MODBOX_SANDBOX_ID=<id>`` in its environment, which every sandbox process inherits
+from the supervisor (a process that scrubs its own environment can hide from this in
+``none`` mode; under bwrap the pid namespace takes everything down anyway).
+
+Blocking: callers run these in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+
+def sandbox_pids(sandbox_id: str) -> set[int]:
+    """Pids whose environment carries MODBOX_SANDBOX_ID=<sandbox_id>."""
+    marker = f"MODBOX_SANDBOX_ID={sandbox_id}".encode()
+    me = os.getpid()
+    found: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue  # exited meanwhile, or a kernel thread
+        if marker in env.split(b"\0"):
+            found.add(int(entry.name))
+    return found
+
+
+def kill_sandbox_processes(sandbox_id: str, grace: float = 2.0) -> set[int]:
+    """SIGKILL every process of the sandbox until none is left; return the survivors."""
+    deadline = time.monotonic() + grace
+    while True:
+        pids = sandbox_pids(sandbox_id)
+        if not pids or time.monotonic() >= deadline:
+            return pids
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)

@@ -1,0 +1,372 @@
+"""The sandboxes of this service: records, lifecycle, TTL reaper, teardown.
+
+Who calls what: the control-plane routes call :meth:`Registry.create`, ``get``,
+``find_live_by_name``, ``list``, :meth:`Registry.wait_ready` and
+:meth:`Registry.destroy`; the runtime routes call :meth:`Registry.exec`. ``app``'s
+lifespan starts the reaper (:meth:`Registry.run_reaper`) and calls
+:meth:`Registry.close` on shutdown, which destroys every live sandbox.
+
+Lifecycle: ``provisioning`` (record exists, jail starting in a background task) →
+``running`` (the supervisor said hello) → ``destroyed`` (by DELETE, TTL expiry, jail
+death, or service shutdown). Destroyed records stay listed; their processes, cgroup and
+workspace are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from .cgroups import CgroupManager, SandboxCgroup
+from .config import ServiceConfig
+from .envelope import ServiceError
+from .jail import Jail, JailSpec
+from .jailprocess import JailGone, JailProcess
+from .procscan import kill_sandbox_processes
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+# Extra time the service waits beyond an exec's own limit before it gives up on the
+# supervisor (which enforces the limit itself and normally answers first).
+EXEC_BACKSTOP_S = 30.0
+
+PROVISIONING, RUNNING, DESTROYED = "provisioning", "running", "destroyed"
+STATUSES = (PROVISIONING, RUNNING, DESTROYED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class ProvisionInput:
+    """A validated create request (routes do the validation)."""
+
+    name: str | None
+    client_reference: str | None
+    image: str
+    env_vars: dict[str, str]
+    ttl_seconds: int
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """One sandbox record. ``access_token`` is only ever sent in the create response."""
+
+    id: str
+    name: str
+    image: str
+    client_reference: str | None
+    created_at: datetime
+    expires_at: datetime
+    access_token: str
+    api_key: str | None  # env_vars["SANDBOX_API_KEY"], the docs' older runtime credential
+    root: Path  # host dir holding the workspace
+    workspace: Path  # host path of the workspace
+    workspace_path: str  # the workspace as commands inside see it
+    env_vars: dict[str, str]
+    status: str = PROVISIONING
+    updated_at: datetime = field(default_factory=utcnow)
+    destroyed_at: datetime | None = None
+    error: str | None = None
+    jail: JailProcess | None = None
+    cgroup: SandboxCgroup | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # left provisioning
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    start_task: asyncio.Task[None] | None = None
+    torn_down: bool = False
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.updated_at = utcnow()
+        if status != PROVISIONING:
+            self.settled.set()
+
+
+class Registry:
+    """All sandboxes of the service, keyed by id, newest last."""
+
+    def __init__(self, config: ServiceConfig, jail: Jail, cgroups: CgroupManager) -> None:
+        self.config = config
+        self.jail = jail
+        self.cgroups = cgroups
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._idempotent: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise not_found(sandbox_id)
+        return sandbox
+
+    def find_by_name(self, name: str) -> Sandbox:
+        """The live sandbox with this task_id, else the newest destroyed one."""
+        matches = [s for s in self._sandboxes.values() if s.name == name]
+        live = [s for s in matches if s.status != DESTROYED]
+        if live:
+            return live[-1]
+        if matches:
+            return matches[-1]
+        raise ServiceError(
+            404, "sandbox_not_found", f"No sandbox named {name!r} exists.", retryable=False
+        )
+
+    def list(self, status: str | None = None) -> list[Sandbox]:
+        items = [s for s in self._sandboxes.values() if status is None or s.status == status]
+        return list(reversed(items))  # newest first
+
+    def live_count(self) -> int:
+        return sum(1 for s in self._sandboxes.values() if s.status != DESTROYED)
+
+    def idempotent_response(self, key: str) -> dict[str, Any] | None:
+        entry = self._idempotent.get(key)
+        return entry[1] if entry else None
+
+    def remember_idempotent(self, key: str, sandbox: Sandbox, response: dict[str, Any]) -> None:
+        self._idempotent[key] = (sandbox.id, response)
+
+    # -- create ----------------------------------------------------------------
+
+    def create(self, request: ProvisionInput) -> Sandbox:
+        """Register a sandbox and start its jail in the background.
+
+        Deliberately synchronous (no await): the name check, the registration and the
+        caller's idempotency bookkeeping happen atomically with respect to other requests.
+        """
+        if self._closing:
+            raise ServiceError(503, "internal_error", "The service is shutting down.")
+        name = request.name or f"sandbox-{secrets.token_hex(4)}"
+        if any(s.name == name and s.status != DESTROYED for s in self._sandboxes.values()):
+            raise ServiceError(
+                409,
+                "sandbox_name_conflict",
+                f"A live sandbox named {name!r} already exists.",
+                hint="Choose another task_id, or destroy the existing sandbox first.",
+                retryable=False,
+            )
+        if self.live_count() >= self.config.limits.max_sandboxes:
+            raise ServiceError(
+                429,
+                "rate_limited",
+                f"This service already runs {self.config.limits.max_sandboxes} sandboxes.",
+                hint="Destroy a sandbox you no longer need.",
+                retryable=True,
+            )
+        sandbox_id = str(uuid.uuid4())
+        root = self.config.state_dir / "sandboxes" / sandbox_id
+        workspace = root / "workspace"
+        workspace.mkdir(parents=True, mode=0o700)
+        (workspace / "uploads").mkdir()
+        now = utcnow()
+        spec = JailSpec(sandbox_id, workspace, self.config.limits)
+        sandbox = Sandbox(
+            id=sandbox_id,
+            name=name,
+            image=request.image,
+            client_reference=request.client_reference,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + timedelta(seconds=request.ttl_seconds),
+            access_token=secrets.token_urlsafe(32),
+            api_key=request.env_vars.get("SANDBOX_API_KEY") or None,
+            root=root,
+            workspace=workspace,
+            workspace_path=self.jail.workspace_path(spec),
+            env_vars=request.env_vars,
+        )
+        self._sandboxes[sandbox_id] = sandbox
+        sandbox.start_task = self._spawn(self._start(sandbox), f"start-{sandbox_id}")
+        log.info("sandbox %s (%s) provisioning", sandbox_id, name)
+        return sandbox
+
+    async def _start(self, sandbox: Sandbox) -> None:
+        try:
+            sandbox.cgroup = await asyncio.to_thread(self.cgroups.create, sandbox.id)
+            spec = JailSpec(
+                sandbox.id,
+                sandbox.workspace,
+                self.config.limits,
+                network=self.config.network,
+                cgroup_procs=sandbox.cgroup.procs_files if sandbox.cgroup else (),
+                address_space=(
+                    None
+                    if sandbox.cgroup and self.cgroups.enforces_memory
+                    else self.config.limits.address_space
+                ),
+            )
+            jail = JailProcess(
+                sandbox.id,
+                self.jail.argv(spec),
+                self.jail.env(spec),
+                cwd=str(sandbox.workspace),
+                on_exit=self._on_jail_exit,
+            )
+            sandbox.jail = jail
+            # Spawned here, on the event-loop thread (see jailprocess's docstring).
+            await jail.start(START_TIMEOUT_S)
+            if sandbox.env_vars:
+                answer = await jail.request({"op": "init", "env": sandbox.env_vars}, 10)
+                if not answer.get("ok"):
+                    raise JailGone(f"could not set env_vars: {answer.get('error')}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, JailGone) else f"{type(exc).__name__}: {exc}"
+            log.error("sandbox %s failed to start: %s", sandbox.id, reason)
+            sandbox.error = f"provisioning failed: {reason}"
+            self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+            return
+        if sandbox.status == PROVISIONING:
+            sandbox.set_status(RUNNING)
+            log.info("sandbox %s running (jail pid %s)", sandbox.id, sandbox.jail.pid)
+
+    def _on_jail_exit(self, jail: JailProcess) -> None:
+        sandbox = self._sandboxes.get(jail.sandbox_id)
+        if sandbox is None or sandbox.status == DESTROYED:
+            return
+        sandbox.error = sandbox.error or jail.describe_exit()
+        log.warning("sandbox %s stopped unexpectedly: %s", sandbox.id, sandbox.error)
+        self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+
+    # -- wait ------------------------------------------------------------------
+
+    async def wait_ready(self, sandbox: Sandbox, timeout: float) -> dict[str, Any]:
+        """The WaitResponse body; a timeout is an answer, not an error."""
+        started = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(sandbox.settled.wait(), timeout)
+        body: dict[str, Any] = {
+            "ready": sandbox.status == RUNNING,
+            "elapsed_seconds": round(time.monotonic() - started, 3),
+            "status": sandbox.status,
+        }
+        if sandbox.status == PROVISIONING:
+            body["reason"] = "timeout"
+        elif sandbox.status == DESTROYED:
+            body["reason"] = sandbox.error or "destroyed"
+        return body
+
+    # -- exec ------------------------------------------------------------------
+
+    async def exec(self, sandbox: Sandbox, command: str, timeout: float) -> dict[str, Any]:
+        if sandbox.status == PROVISIONING:
+            raise ServiceError(
+                409,
+                "sandbox_not_ready",
+                f"Sandbox {sandbox.id} is still provisioning.",
+                hint="Wait for it with POST /sandboxes/{id}/wait.",
+                retryable=True,
+            )
+        if sandbox.status == DESTROYED or sandbox.jail is None:
+            raise gone(sandbox)
+        message = {
+            "op": "exec",
+            "command": command,
+            "timeout": timeout,
+            "cap": self.config.limits.output_cap,
+        }
+        try:
+            answer = await sandbox.jail.request(message, timeout + EXEC_BACKSTOP_S)
+        except JailGone:
+            raise gone(sandbox) from None
+        except asyncio.TimeoutError:
+            raise ServiceError(
+                504,
+                "upstream_error",
+                f"Sandbox {sandbox.id} did not answer within {timeout + EXEC_BACKSTOP_S:g} s.",
+                retryable=False,
+            ) from None
+        if not answer.get("ok"):
+            raise ServiceError(
+                500,
+                "internal_error",
+                f"The sandbox could not run the command: {answer.get('error')}",
+            )
+        return {k: v for k, v in answer.items() if k not in ("id", "ok")}
+
+    # -- destroy ---------------------------------------------------------------
+
+    async def destroy(self, sandbox: Sandbox) -> None:
+        """Kill every process of the sandbox, remove its cgroup and workspace. Idempotent."""
+        async with sandbox.lock:
+            if sandbox.torn_down:
+                return
+            if sandbox.status != DESTROYED:
+                sandbox.destroyed_at = utcnow()
+                sandbox.set_status(DESTROYED)
+            task = sandbox.start_task
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if sandbox.jail is not None:
+                await sandbox.jail.kill()
+            await asyncio.to_thread(self._teardown_files, sandbox)
+            sandbox.torn_down = True
+            log.info("sandbox %s destroyed", sandbox.id)
+
+    def _teardown_files(self, sandbox: Sandbox) -> None:
+        if sandbox.cgroup is not None:
+            sandbox.cgroup.kill_and_remove()
+        survivors = kill_sandbox_processes(sandbox.id)
+        if survivors:
+            log.error("sandbox %s: processes %s survived SIGKILL", sandbox.id, sorted(survivors))
+        # rmtree never follows symlinks, so links the sandbox planted cannot redirect it.
+        shutil.rmtree(sandbox.root, ignore_errors=True)
+
+    async def run_reaper(self, interval: float = 1.0) -> None:
+        """Destroy sandboxes whose TTL has passed; runs for the service's lifetime."""
+        while True:
+            await asyncio.sleep(interval)
+            now = utcnow()
+            for sandbox in list(self._sandboxes.values()):
+                if sandbox.status != DESTROYED and sandbox.expires_at <= now:
+                    sandbox.error = "ttl expired"
+                    log.info("sandbox %s reached its TTL", sandbox.id)
+                    self._spawn(self.destroy(sandbox), f"reap-{sandbox.id}")
+
+    async def close(self) -> None:
+        """Destroy every sandbox (service shutdown)."""
+        self._closing = True
+        await asyncio.gather(
+            *(self.destroy(s) for s in self._sandboxes.values() if not s.torn_down),
+            return_exceptions=True,
+        )
+        pending = [t for t in self._background if not t.done()]
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+
+def not_found(sandbox_id: str) -> ServiceError:
+    return ServiceError(
+        404, "sandbox_not_found", f"Sandbox {sandbox_id!r} does not exist.", retryable=False
+    )
+
+
+def gone(sandbox: Sandbox) -> ServiceError:
+    why = f" ({sandbox.error})" if sandbox.error else ""
+    return ServiceError(
+        404,
+        "sandbox_not_found",
+        f"Sandbox {sandbox.id} was destroyed{why}.",
+        hint="Create a new sandbox.",
+        retryable=False,
+    )

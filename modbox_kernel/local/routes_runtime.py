@@ -1,0 +1,135 @@
+"""The per-sandbox runtime API: exec and files, under ``{sandbox_url}/modbox/api``.
+
+Who calls it: ``app.build_app`` mounts :data:`routes`; callers are the kernel's
+``api`` client and tests. Auth is the sandbox's own ``access_token`` or its creator's
+``SANDBOX_API_KEY`` (see ``auth``). Exec is relayed to the sandbox's supervisor by
+``registry.Registry.exec``; file routes act on the workspace through ``files`` (in a
+worker thread, never following links the sandbox planted).
+
+Files routes (documented in docs/local-service.md): ``POST files/upload`` (multipart
+``file``) → ``uploads/<basename>``; ``GET files?path=`` lists a directory;
+``GET files/download?path=`` streams a regular file; ``DELETE files?path=`` removes a
+file, link or empty directory. Paths are workspace-relative or absolute under the
+workspace path the sandbox sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import quote
+
+from starlette.concurrency import iterate_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import files
+from .auth import require_token
+from .bodies import limited, opt_number, opt_str, read_json_object
+from .envelope import ServiceError, validation_error
+from .registry import DESTROYED, PROVISIONING, Sandbox, gone
+from .state import ServiceState, service
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/sandboxes/{sandbox_id}/runtime/modbox/api"
+MULTIPART_OVERHEAD = 1024 * 1024  # boundaries and part headers around the file
+
+
+def _sandbox(request: Request) -> tuple[ServiceState, Sandbox]:
+    state = service(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    require_token(request, sandbox.access_token, sandbox.api_key)
+    return state, sandbox
+
+
+def _workspace(sandbox: Sandbox) -> files.Workspace:
+    if sandbox.status == PROVISIONING:
+        raise ServiceError(
+            409, "sandbox_not_ready", "The sandbox is still provisioning.", retryable=True
+        )
+    if sandbox.status == DESTROYED:
+        raise gone(sandbox)
+    return files.Workspace(str(sandbox.workspace), sandbox.workspace_path)
+
+
+async def exec_command(request: Request) -> JSONResponse:
+    state, sandbox = _sandbox(request)
+    limits = state.config.limits
+    body = await read_json_object(request, limits.exec_body_max)
+    command = opt_str(body, "command", limits.exec_body_max, min_len=0)
+    if command is None:
+        raise validation_error("body.command", "is required")
+    if "\0" in command:
+        raise validation_error("body.command", "contains a NUL byte")
+    timeout = opt_number(body, "timeout", 0, limits.exec_timeout_max)
+    log.debug("exec in %s: %r", sandbox.id, command[:200])
+    result = await state.registry.exec(
+        sandbox, command, timeout if timeout is not None else limits.exec_timeout_default
+    )
+    return JSONResponse(result)
+
+
+async def upload(request: Request) -> JSONResponse:
+    state, sandbox = _sandbox(request)
+    ws = _workspace(sandbox)
+    limit = state.config.limits.upload_max
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise validation_error("body", "must be multipart/form-data with a 'file' field")
+    form = await limited(request, limit + MULTIPART_OVERHEAD).form(max_files=1, max_fields=16)
+    try:
+        item = form.get("file")
+        if not isinstance(item, UploadFile):
+            raise validation_error("body.file", "is required (a file part named 'file')")
+        name = files.upload_name(item.filename)
+        answer = await asyncio.to_thread(files.store_upload, ws, name, item.file, limit)
+    finally:
+        await form.close()
+    return JSONResponse(answer)
+
+
+async def list_files(request: Request) -> JSONResponse:
+    _, sandbox = _sandbox(request)
+    ws = _workspace(sandbox)
+    parts = files.split_path(ws, request.query_params.get("path"))
+    return JSONResponse(await asyncio.to_thread(files.list_dir, ws, parts))
+
+
+async def download(request: Request) -> Response:
+    _, sandbox = _sandbox(request)
+    ws = _workspace(sandbox)
+    path = request.query_params.get("path")
+    if not path:
+        raise validation_error("query.path", "is required")
+    parts = files.split_path(ws, path)
+    fd, size = await asyncio.to_thread(files.open_file, ws, parts)
+    filename = parts[-1]
+    return StreamingResponse(
+        iterate_in_threadpool(files.read_chunks(fd)),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}",
+        },
+    )
+
+
+async def delete_file(request: Request) -> JSONResponse:
+    _, sandbox = _sandbox(request)
+    ws = _workspace(sandbox)
+    path = request.query_params.get("path")
+    if not path:
+        raise validation_error("query.path", "is required")
+    parts = files.split_path(ws, path)
+    return JSONResponse(await asyncio.to_thread(files.delete, ws, parts))
+
+
+routes = [
+    Route(f"{PREFIX}/exec", exec_command, methods=["POST"]),
+    Route(f"{PREFIX}/files/upload", upload, methods=["POST"]),
+    Route(f"{PREFIX}/files/download", download, methods=["GET"]),
+    Route(f"{PREFIX}/files", list_files, methods=["GET"]),
+    Route(f"{PREFIX}/files", delete_file, methods=["DELETE"]),
+]
