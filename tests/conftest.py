@@ -1,0 +1,204 @@
+"""Shared fixtures: the real embedded Modbox service, started once per test session.
+
+``local_service`` starts ``python -m modbox_kernel.local --port 0 --exit-with-parent``
+as a subprocess, reads its one-line JSON startup announcement and yields a
+:class:`LocalService` (``base_url``, ``token``, ``process``, ``isolation``). API-client,
+kernel and service tests all talk to it over a real socket. It is stopped (SIGTERM,
+which destroys every sandbox) at the end of the session; ``--exit-with-parent`` covers
+a pytest that dies without cleaning up.
+
+``require_isolation`` is for tests that only mean something under bubblewrap: with
+``MODBOX_REQUIRE_ISOLATION=1`` (CI) a service without bwrap is a failure, elsewhere
+the test is skipped with the reason. (Under that variable the service itself refuses
+to start without a working bwrap, so the failure shows up even earlier.)
+
+``local_sandbox`` is one running sandbox shared by the service tests that do not
+need a fresh one (creating a sandbox is cheap, but not free).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def isolation_required() -> bool:
+    return os.environ.get("MODBOX_REQUIRE_ISOLATION", "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass
+class LocalService:
+    """A running ``python -m modbox_kernel.local`` and how to reach it."""
+
+    base_url: str
+    token: str
+    process: subprocess.Popen[bytes]
+    isolation: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """A control-plane client carrying the service token."""
+        return httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=kwargs.pop("timeout", 60),
+            **kwargs,
+        )
+
+
+def start_local_service(
+    log_path: Path, *args: str, env: dict[str, str] | None = None
+) -> LocalService:
+    """Start the service and wait for its startup line (raises with its log if it fails)."""
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the fd
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "modbox_kernel.local",
+                "--port",
+                "0",
+                "--exit-with-parent",
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+        )
+    assert process.stdout is not None
+    line = b""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    with selectors.DefaultSelector() as sel:
+        sel.register(process.stdout, selectors.EVENT_READ)
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                break
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+    if not line.endswith(b"\n"):
+        stop_local_service_process(process)
+        raise RuntimeError(
+            "the local Modbox service did not announce itself; its log:\n"
+            + log_path.read_text(errors="replace")
+        )
+    info = json.loads(line)
+    return LocalService(
+        base_url=info["base_url"],
+        token=info["token"],
+        process=process,
+        isolation=info["isolation"],
+        log_path=log_path,
+    )
+
+
+def stop_local_service_process(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    service = start_local_service(tmp_path_factory.mktemp("local-service") / "service.log")
+    try:
+        yield service
+    finally:
+        stop_local_service_process(service.process)
+
+
+@pytest.fixture
+def require_isolation(local_service: LocalService) -> None:
+    if local_service.isolation == "bwrap":
+        return
+    reason = (
+        f"the local service runs with isolation={local_service.isolation!r} "
+        "(bubblewrap unusable on this machine)"
+    )
+    if isolation_required():
+        pytest.fail(f"MODBOX_REQUIRE_ISOLATION=1 but {reason}")
+    pytest.skip(f"{reason}; set MODBOX_REQUIRE_ISOLATION=1 to make this a failure")
+
+
+@dataclass
+class LocalSandbox:
+    """A running sandbox and a runtime client for it."""
+
+    id: str
+    access_token: str
+    exec_url: str
+    files_url: str
+    service: LocalService
+    http: httpx.Client = field(repr=False)
+
+    def exec(self, command: str, **extra: Any) -> dict[str, Any]:
+        response = self.http.post(self.exec_url, json={"command": command, **extra})
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def create_sandbox(service: LocalService, **body: Any) -> LocalSandbox:
+    """Create a sandbox, wait until it runs, return a client for it."""
+    with service.client() as control:
+        created = control.post("/sandboxes", json=body)
+        assert created.status_code == 200, created.text
+        info = created.json()
+        waited = control.post(f"/sandboxes/{info['sandbox_id']}/wait", json={"timeout": 60})
+        assert waited.json()["ready"], waited.text
+    token = info["endpoint"]["access_token"]
+    return LocalSandbox(
+        id=info["sandbox_id"],
+        access_token=token,
+        exec_url=info["capabilities"]["exec"],
+        files_url=info["capabilities"]["files"],
+        service=service,
+        http=httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=120),
+    )
+
+
+def destroy_sandbox(sandbox: LocalSandbox) -> None:
+    with sandbox.service.client() as control:
+        control.delete(f"/sandboxes/{sandbox.id}")
+    sandbox.close()
+
+
+@pytest.fixture(scope="session")
+def local_sandbox(local_service: LocalService) -> Iterator[LocalSandbox]:
+    sandbox = create_sandbox(local_service, task_id=f"shared-{os.getpid()}")
+    try:
+        yield sandbox
+    finally:
+        destroy_sandbox(sandbox)
