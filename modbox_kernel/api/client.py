@@ -94,11 +94,11 @@ class ModboxClient:
             ),
             timeout_hint="the Modbox service is slow or stalled; try again, "
             "or check MODBOX_API_URL",
-            status_hints=(
-                {401: "no API token is configured: set MODBOX_API_TOKEN"}
-                if self._token is None
-                else None
-            ),
+            status_hints={
+                401: "set MODBOX_API_TOKEN to a valid Modbox API token"
+                if self._token
+                else "no API token is configured: set MODBOX_API_TOKEN"
+            },
             secrets=(self._token,),
             on_retry=on_retry,
         )

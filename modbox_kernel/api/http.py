@@ -224,7 +224,12 @@ class Requester:
         err = api_error_from_response(
             response.status_code, response.content, response.headers, what=what
         )
-        hint = self._status_hints.get(response.status_code, err.hint)
+        hint = err.hint
+        ours = self._status_hints.get(response.status_code)
+        if ours:
+            # Our hint names the setting to change (MODBOX_API_TOKEN); a service's own
+            # hint knows only its side, so it is kept as context, not as the advice.
+            hint = f"{ours}; {err.hint}" if err.hint and err.hint not in ours else ours
         message = err.message
         if attempts > 1:
             message = f"{message} (after {attempts} attempts)"
