@@ -1,0 +1,671 @@
+"""The in-sandbox agent, driven exactly as the session drives it, without a sandbox.
+
+Each agent is a real daemon started with ``start_command(...)`` and every request is
+the real ``request_command(...)`` bash line run with ``bash -c``: base64 payloads,
+``/dev/tcp``, the token file, the ``@file`` upload path. Most tests share one
+IPython-mode agent (cells get unique ids); tests that need a fresh namespace or a
+different mode start their own. Every agent is shut down and its pid checked gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from modbox_kernel.agent import (
+    AGENT_PATH,
+    AGENT_VERSION,
+    INLINE_LIMIT,
+    UNREACHABLE_EXIT,
+    encode_request,
+    request_command,
+    start_command,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _bash(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class AgentUnderTest:
+    """One agent daemon plus the helpers the tests use to talk to it."""
+
+    def __init__(self, root: Path, *, env: dict[str, str] | None = None, python: str = "") -> None:
+        self.state_dir = str(root / "state")
+        home = root / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+        self.env["HOME"] = str(home)
+        self.env.update(env or {})
+        self.python = python or sys.executable
+        self.counter = itertools.count(1)
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> dict[str, Any]:
+        command = start_command(str(AGENT_PATH), self.state_dir, python=self.python)
+        proc = subprocess.run(
+            ["bash", "-c", command],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 1, proc.stdout
+        self.info = json.loads(lines[0])
+        return self.info
+
+    def request(self, payload: dict[str, Any] | None = None, *, ref: str | None = None) -> Any:
+        proc = _bash(request_command(self.state_dir, payload, ref=ref))
+        assert proc.returncode == 0, (proc.returncode, proc.stderr)
+        return json.loads(proc.stdout)
+
+    def execute_payload(self, code: str, **fields: Any) -> dict[str, Any]:
+        """An ``execute`` request as the session sends it (the kernel numbers cells)."""
+        payload = {
+            "op": "execute",
+            "id": uuid.uuid4().hex,
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "execution_count": next(self.counter),
+            "wait": 2.0,
+            "since": 0,
+        }
+        payload.update(fields)
+        # Like a kernel, never hand out a count below one a test chose itself.
+        self.counter = itertools.count(max(next(self.counter), payload["execution_count"] + 1))
+        return payload
+
+    def execute(self, code: str, *, timeout: float = 60, **fields: Any) -> list[dict[str, Any]]:
+        """Submit a cell, poll until ``done``, check the cursor, return all events."""
+        payload = self.execute_payload(code, **fields)
+        return self.collect(payload["id"], self.request(payload), timeout=timeout)
+
+    def collect(
+        self, cid: str, resp: dict[str, Any], *, since: int = 0, timeout: float = 60
+    ) -> list[dict[str, Any]]:
+        """Poll from ``resp`` (the answer to a request that started at ``since``) to done."""
+        events: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            assert resp["ok"], resp
+            events.extend(resp["events"])
+            if resp["done"]:
+                break
+            assert time.monotonic() < deadline, f"cell did not finish: {events}"
+            resp = self.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+        # The cursor: every event exactly once, numbered consecutively, `done` last.
+        assert [e["seq"] for e in events] == list(range(since, since + len(events)))
+        assert events[-1]["type"] == "done"
+        assert [e["type"] for e in events].count("done") == 1
+        return events
+
+    def stop(self) -> None:
+        pid = self.info.get("pid")
+        if os.path.exists(os.path.join(self.state_dir, "port")):
+            _bash(request_command(self.state_dir, {"op": "shutdown"}), timeout=10)
+        if pid:
+            _wait_gone(pid, kill=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pid: int, *, kill: bool, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _alive(pid) and kill:
+        os.kill(pid, 9)
+        return False
+    return not _alive(pid)
+
+
+def stdout_of(events: list[dict[str, Any]], name: str = "stdout") -> str:
+    return "".join(e["text"] for e in events if e["type"] == "stream" and e["name"] == name)
+
+
+def of_type(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def ipy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentUnderTest]:
+    agent = AgentUnderTest(tmp_path_factory.mktemp("agent-ipython"))
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentUnderTest]:
+    agent = AgentUnderTest(
+        tmp_path_factory.mktemp("agent-fallback"), env={"MODBOX_AGENT_NO_IPYTHON": "1"}
+    )
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture(params=["ipython", "fallback"])
+def both(request: pytest.FixtureRequest) -> AgentUnderTest:
+    agent: AgentUnderTest = request.getfixturevalue(
+        "ipy" if request.param == "ipython" else "plain"
+    )
+    return agent
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[AgentUnderTest]:
+    agent = AgentUnderTest(tmp_path)
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+# --------------------------------------------------------------------------- start
+
+
+def test_start_reports_itself_and_writes_private_files(fresh: AgentUnderTest) -> None:
+    info = fresh.info
+    assert info["ok"] is True
+    assert info["pid"] != os.getpid() and _alive(info["pid"])
+    assert info["implementation"] == "cpython"
+    assert info["python_version"] == ".".join(map(str, sys.version_info[:3]))
+    assert info["ipython_version"]  # IPython is installed beside the tests
+    assert info["agent_version"] == AGENT_VERSION
+    state = Path(fresh.state_dir)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "token").stat().st_mode) == 0o600
+    assert int((state / "port").read_text()) == info["port"]
+    reply = fresh.request({"op": "info"})["reply"]
+    assert reply["pid"] == info["pid"] and reply["port"] == info["port"]
+
+
+def test_start_again_replaces_the_running_agent(fresh: AgentUnderTest) -> None:
+    fresh.execute("marker = 41")
+    first = fresh.info["pid"]
+    second = fresh.start()["pid"]
+    assert second != first
+    assert _wait_gone(first, kill=False), "the old agent survived a restart"
+    events = fresh.execute("'marker' in dir()")
+    assert of_type(events, "execute_result")[0]["data"]["text/plain"] == "False"
+
+
+def test_unreachable_agent_exits_97(tmp_path: Path) -> None:
+    proc = _bash(request_command(str(tmp_path / "nothing-here"), {"op": "info"}))
+    assert proc.returncode == UNREACHABLE_EXIT
+    assert "modbox-agent: unreachable" in proc.stderr
+
+
+def test_wrong_token_is_refused(ipy: AgentUnderTest) -> None:
+    port = Path(ipy.state_dir, "port").read_text().strip()
+    command = (
+        f'exec 3<>/dev/tcp/127.0.0.1/{port} && printf "%s %s\\n" wrong '
+        f"{encode_request({'op': 'info'})} >&3 && cat <&3"
+    )
+    proc = _bash(command)
+    assert json.loads(proc.stdout) == {"ok": False, "error": "bad token"}
+
+
+def test_shutdown_ends_the_process_and_removes_its_files(tmp_path: Path) -> None:
+    agent = AgentUnderTest(tmp_path)
+    pid = agent.start()["pid"]
+    try:
+        assert agent.request({"op": "shutdown"}) == {"ok": True}
+        assert _wait_gone(pid, kill=False)
+        assert not Path(agent.state_dir, "port").exists()
+        assert not Path(agent.state_dir, "token").exists()
+    finally:
+        agent.stop()
+
+
+# ------------------------------------------------------------- basic shapes (both modes)
+
+
+def test_print_is_a_stdout_stream(both: AgentUnderTest) -> None:
+    events = both.execute("print('hello, world')")
+    assert [e["type"] for e in events] == ["stream", "done"]
+    assert events[0]["name"] == "stdout" and events[0]["text"] == "hello, world\n"
+    assert events[-1]["status"] == "ok"
+
+
+def test_expression_is_an_execute_result_with_the_kernels_count(both: AgentUnderTest) -> None:
+    events = both.execute("6 * 7", execution_count=1234)
+    results = of_type(events, "execute_result")
+    assert len(results) == 1
+    assert results[0]["data"]["text/plain"] == "42"
+    assert results[0]["execution_count"] == 1234
+    assert results[0]["metadata"] == {}
+    assert events[-1]["execution_count"] == 1234
+
+
+def test_state_persists_across_cells(both: AgentUnderTest) -> None:
+    both.execute("import math\nradius = 2")
+    events = both.execute("print(round(math.pi * radius**2, 3))")
+    assert stdout_of(events) == "12.566\n"
+
+
+def test_error_is_exactly_one_error_event_and_a_failed_done(both: AgentUnderTest) -> None:
+    events = both.execute("1 / 0")
+    assert [e["type"] for e in events] == ["error", "done"]
+    error, done = events
+    assert error["ename"] == "ZeroDivisionError"
+    assert error["evalue"] == "division by zero"
+    assert error["traceback"] and all(isinstance(line, str) for line in error["traceback"])
+    assert done["status"] == "error"
+    assert (done["ename"], done["evalue"]) == ("ZeroDivisionError", "division by zero")
+    assert done["traceback"] == error["traceback"]
+
+
+def test_syntax_error_is_an_error(both: AgentUnderTest) -> None:
+    events = both.execute("def broken(:\n    pass")
+    assert [e["type"] for e in events] == ["error", "done"]
+    assert events[0]["ename"] == "SyntaxError"
+
+
+def test_rich_repr_is_in_the_execute_result(both: AgentUnderTest) -> None:
+    code = (
+        "class Rich:\n"
+        "    def __repr__(self): return 'Rich()'\n"
+        "    def _repr_html_(self): return '<b>rich</b>'\n"
+        "Rich()"
+    )
+    (result,) = of_type(both.execute(code), "execute_result")
+    assert result["data"] == {"text/plain": "Rich()", "text/html": "<b>rich</b>"}
+
+
+def test_input_without_stdin_raises_stdin_not_implemented(both: AgentUnderTest) -> None:
+    events = both.execute("input('name? ')", allow_stdin=False)
+    assert [e["type"] for e in events] == ["error", "done"]
+    assert events[0]["ename"] == "StdinNotImplementedError"
+    assert events[0]["evalue"] == (
+        "raw_input was called, but this frontend does not support input requests."
+    )
+
+
+def test_input_round_trip(both: AgentUnderTest) -> None:
+    code = "name = input('name? ')\nprint('hello', name)"
+    payload = both.execute_payload(code, allow_stdin=True)
+    cid = payload["id"]
+    resp = both.request(payload)
+    assert not resp["done"]
+    events = resp["events"]
+    while not of_type(events, "input_request"):
+        resp = both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+        events += resp["events"]
+    (req,) = of_type(events, "input_request")
+    assert req["prompt"] == "name? " and req["password"] is False
+    assert both.request({"op": "input_reply", "id": cid, "value": "Ada"}) == {"ok": True}
+    events += both.collect(
+        cid, both.request({"op": "poll", "id": cid, "since": resp["next"]}), since=resp["next"]
+    )
+    assert stdout_of(events) == "hello Ada\n"
+    assert events[-1]["status"] == "ok"
+
+
+def test_completion_inspection_and_is_complete(both: AgentUnderTest) -> None:
+    both.execute("import os\nsome_long_variable_name = 1")
+    reply = both.request({"op": "complete", "code": "x = some_long_v", "cursor_pos": 15})["reply"]
+    assert reply["matches"] == ["some_long_variable_name"]
+    assert (reply["cursor_start"], reply["cursor_end"]) == (4, 15)
+    reply = both.request({"op": "complete", "code": "os.pa", "cursor_pos": 5})["reply"]
+    # IPython replaces "pa", the fallback "os.pa": either way the result is os.path.
+    edits = {"os.pa"[: reply["cursor_start"]] + m for m in reply["matches"]}
+    assert "os.path" in edits and reply["cursor_end"] == 5
+
+    reply = both.request({"op": "inspect", "code": "len(", "cursor_pos": 2})["reply"]
+    assert reply["found"] is True and "text/plain" in reply["data"]
+    reply = both.request({"op": "inspect", "code": "no_such_name_here", "cursor_pos": 3})
+    assert reply["reply"]["found"] is False
+
+    def status(code: str) -> dict[str, Any]:
+        result: dict[str, Any] = both.request({"op": "is_complete", "code": code})["reply"]
+        return result
+
+    assert status("x = 1")["status"] == "complete"
+    assert status("for i in range(3):") == {"status": "incomplete", "indent": "    "}
+    assert status("1 = = 2")["status"] == "invalid"
+
+
+def test_history_tail_range_and_search(both: AgentUnderTest) -> None:
+    marker = uuid.uuid4().hex[:8]
+    code = f"history_marker_{marker} = 1"
+    both.execute(code)
+    both.execute(code)
+    tail = both.request({"op": "history", "hist_access_type": "tail", "n": 1, "raw": True})
+    (entry,) = tail["reply"]["history"]
+    session, line, source = entry
+    assert source == code
+    with_output = both.request(
+        {"op": "history", "hist_access_type": "tail", "n": 1, "raw": True, "output": True}
+    )["reply"]["history"]
+    assert with_output[0][2][0] == code and len(with_output[0][2]) == 2
+    ranged = both.request(
+        {
+            "op": "history",
+            "hist_access_type": "range",
+            "session": session,
+            "start": line,
+            "stop": line + 1,
+            "raw": True,
+        }
+    )["reply"]["history"]
+    # (IPython calls the current session 0 in a tail and by number in a range.)
+    assert [entry[1:] for entry in ranged] == [[line, code]]
+    pattern = f"history_marker_{marker}*"
+    search = {"op": "history", "hist_access_type": "search", "pattern": pattern, "raw": True}
+    assert len(both.request(search)["reply"]["history"]) == 2
+    assert len(both.request({**search, "unique": True})["reply"]["history"]) == 1
+
+
+def test_resent_execute_never_runs_twice(both: AgentUnderTest) -> None:
+    both.execute("runs = 0")
+    payload = both.execute_payload("runs += 1\nprint(runs)", wait=5.0)
+    first = both.request(payload)
+    again = both.request(payload)
+    assert first["done"] and again["done"]
+    assert again["events"] == first["events"]  # the same events, nothing new
+    assert stdout_of(first["events"]) == "1\n"
+    assert stdout_of(both.execute("print(runs)")) == "1\n"
+
+
+def test_interrupt_stops_a_sleeping_cell_and_keeps_the_namespace(both: AgentUnderTest) -> None:
+    both.execute("survivor = 'still here'")
+    code = "import time\nprint('sleeping')\ntime.sleep(30)"
+    payload = both.execute_payload(code, wait=0.5)
+    cid = payload["id"]
+    resp = both.request(payload)
+    assert not resp["done"]
+    started = time.monotonic()
+    assert both.request({"op": "interrupt", "id": cid}) == {"ok": True, "delivered": True}
+    events = resp["events"] + both.collect(
+        cid,
+        both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 5.0}),
+        since=resp["next"],
+    )
+    assert time.monotonic() - started < 3
+    assert stdout_of(events) == "sleeping\n"
+    assert [e["ename"] for e in of_type(events, "error")] == ["KeyboardInterrupt"]
+    assert events[-1]["status"] == "error"
+    assert stdout_of(both.execute("print(survivor)")) == "still here\n"
+
+
+def test_interrupt_ends_an_input_wait(both: AgentUnderTest) -> None:
+    payload = both.execute_payload("input('?')", allow_stdin=True, wait=0.5)
+    cid = payload["id"]
+    resp = both.request(payload)
+    assert of_type(resp["events"], "input_request")
+    assert both.request({"op": "interrupt", "id": cid})["delivered"] is True
+    events = resp["events"] + both.collect(
+        cid,
+        both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 5.0}),
+        since=resp["next"],
+    )
+    assert [e["ename"] for e in of_type(events, "error")] == ["KeyboardInterrupt"]
+    assert stdout_of(both.execute("print('alive')")) == "alive\n"
+
+
+def test_hostile_source_runs_verbatim(both: AgentUnderTest, tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    # Shell metacharacters, quotes, backslashes, an escaped NUL, \r and emoji.
+    literal = f"`id` $(touch {canary}) ${{HOME}} 'single' \"double\" \\\\ a\\0b\\r 🎉 ünï"
+    code = f'print("""{literal}""", end="")'
+    expected = f"`id` $(touch {canary}) ${{HOME}} 'single' \"double\" \\ a\x00b\r 🎉 ünï"
+    events = both.execute(code)
+    assert stdout_of(events) == expected
+    assert not canary.exists()
+
+
+def test_large_cell_goes_through_an_uploaded_request_file(both: AgentUnderTest) -> None:
+    big = "x" * 500_000
+    code = f"big = '{big}'\nprint(len(big), big[:3])"
+    payload = both.execute_payload(code, wait=10.0)
+    cid = payload["id"]
+    assert len(encode_request(payload)) > INLINE_LIMIT
+    ref = Path(both.state_dir).parent / f"modbox-req-{uuid.uuid4()}.json"
+    ref.write_text(json.dumps(payload))
+    events = both.collect(cid, both.request(ref=str(ref)))
+    assert stdout_of(events) == "500000 xxx\n"
+    assert not ref.exists(), "the agent must delete the request file"
+
+
+def test_output_flood_is_coalesced_and_exact(both: AgentUnderTest) -> None:
+    events = both.execute("for i in range(5000):\n    print(i)")
+    streams = of_type(events, "stream")
+    assert stdout_of(events) == "".join(f"{i}\n" for i in range(5000))
+    assert len(streams) < 50, f"{len(streams)} stream events for one flood"
+
+
+def test_large_output_is_split_across_responses(both: AgentUnderTest) -> None:
+    code = "import sys\nfor i in range(30):\n    sys.stdout.write(str(i % 10) * 100_000)"
+    payload = both.execute_payload(code, wait=10.0)
+    cid = payload["id"]
+    resp = both.request(payload)
+    sizes = []
+    events: list[dict[str, Any]] = []
+    while True:
+        sizes.append(len(json.dumps(resp)))
+        events += resp["events"]
+        if resp["done"]:
+            break
+        resp = both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+    assert len(sizes) > 2 and max(sizes) < 1.2 * 1024 * 1024
+    assert stdout_of(events) == "".join(str(i % 10) * 100_000 for i in range(30))
+
+
+def test_c_level_and_subprocess_output_is_captured(both: AgentUnderTest) -> None:
+    code = (
+        "import os, subprocess\n"
+        "print('py')\n"
+        "os.write(1, b'raw\\n')\n"
+        "os.system('echo from-system')\n"
+        "subprocess.run(['echo', 'from-subprocess'])\n"
+        "os.write(2, b'raw-err\\n')"
+    )
+    events = both.execute(code)
+    assert stdout_of(events) == "py\nraw\nfrom-system\nfrom-subprocess\n"
+    assert stdout_of(events, "stderr") == "raw-err\n"
+
+
+def test_user_expressions(both: AgentUnderTest) -> None:
+    events = both.execute("base = 20", user_expressions={"answer": "base + 22", "bad": "1/0"})
+    done = events[-1]
+    assert done["user_expressions"]["answer"]["status"] == "ok"
+    assert done["user_expressions"]["answer"]["data"]["text/plain"] == "42"
+    assert done["user_expressions"]["bad"]["status"] == "error"
+
+
+def test_silent_cell_shows_no_result(both: AgentUnderTest) -> None:
+    events = both.execute("1 + 1", silent=True, store_history=False)
+    assert [e["type"] for e in events] == ["done"]
+
+
+# --------------------------------------------------------------------------- IPython mode
+
+
+def test_display_update_and_clear_output(ipy: AgentUnderTest) -> None:
+    code = (
+        "from IPython.display import display, clear_output\n"
+        "h = display('first', display_id=True)\n"
+        "h.update('second')\n"
+        "clear_output(wait=True)"
+    )
+    events = ipy.execute(code)
+    kinds = [e["type"] for e in events]
+    assert kinds == ["display_data", "update_display_data", "clear_output", "done"]
+    shown, updated, cleared, _ = events
+    assert shown["data"] == {"text/plain": "'first'"} and updated["data"] == {
+        "text/plain": "'second'"
+    }
+    display_id = shown["transient"]["display_id"]
+    assert display_id and updated["transient"]["display_id"] == display_id
+    assert shown["metadata"] == {} and updated["metadata"] == {}
+    assert cleared["wait"] is True
+
+
+def test_print_before_display_keeps_its_order(ipy: AgentUnderTest) -> None:
+    code = (
+        "import os\nprint('before')\nos.write(1, b'c-level\\n')\ndisplay('shown')\nprint('after')"
+    )
+    events = ipy.execute(code)
+    assert [(e["type"], e.get("text")) for e in events[:-1]] == [
+        ("stream", "before\nc-level\n"),
+        ("display_data", None),
+        ("stream", "after\n"),
+    ]
+
+
+def test_shell_escape_output_is_stdout(ipy: AgentUnderTest) -> None:
+    events = ipy.execute("!echo hi")
+    assert stdout_of(events).replace("\r\n", "\n") == "hi\n"
+    assert events[-1]["status"] == "ok"
+
+
+def test_matplotlib_plot_becomes_png_display_data(ipy: AgentUnderTest) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is part of the [test] extra")
+    events = ipy.execute("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]);")
+    (shown,) = of_type(events, "display_data")
+    png = base64.b64decode(shown["data"]["image/png"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert "text/plain" in shown["data"]
+    events = ipy.execute("%matplotlib inline\nplt.figure()\nplt.bar([1, 2], [3, 4]);")
+    assert [e["type"] for e in events] == ["display_data", "done"]
+    assert "image/png" in events[0]["data"]
+
+
+def test_pandas_dataframe_has_html(ipy: AgentUnderTest) -> None:
+    pytest.importorskip("pandas", reason="pandas is part of the [test] extra")
+    events = ipy.execute("import pandas as pd\npd.DataFrame({'a': [1, 2]})")
+    (result,) = of_type(events, "execute_result")
+    assert "<table" in result["data"]["text/html"]
+    assert "a" in result["data"]["text/plain"]
+
+
+def test_question_mark_goes_to_the_pager_payload(ipy: AgentUnderTest) -> None:
+    events = ipy.execute("print?")
+    assert [e["type"] for e in events] == ["done"]
+    (page,) = events[-1]["payload"]
+    assert page["source"] == "page" and page["start"] == 0
+    assert "print" in page["data"]["text/plain"]
+
+
+def test_magics(ipy: AgentUnderTest) -> None:
+    out = stdout_of(ipy.execute("%timeit -n1 -r1 sum(range(10))"))
+    assert "per loop" in out
+    out = stdout_of(ipy.execute("%%time\nx_magic = sum(range(10))"))
+    assert "Wall time" in out
+    assert "x_magic" in stdout_of(ipy.execute("%who"))
+    out = stdout_of(ipy.execute("%pip --version"))
+    assert out.startswith("pip ")
+
+
+def test_warnings_go_to_stderr(ipy: AgentUnderTest) -> None:
+    events = ipy.execute("import warnings\nwarnings.warn('careful')")
+    assert "UserWarning: careful" in stdout_of(events, "stderr")
+    assert events[-1]["status"] == "ok"
+
+
+def test_getpass_is_a_password_request(ipy: AgentUnderTest) -> None:
+    code = "import getpass\nsecret = getpass.getpass('pw: ')\nprint(len(secret))"
+    payload = ipy.execute_payload(code, allow_stdin=True)
+    cid = payload["id"]
+    resp = ipy.request(payload)
+    events = resp["events"]
+    while not of_type(events, "input_request"):
+        resp = ipy.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+        events += resp["events"]
+    assert of_type(events, "input_request")[0] == {
+        "seq": of_type(events, "input_request")[0]["seq"],
+        "type": "input_request",
+        "prompt": "pw: ",
+        "password": True,
+    }
+    ipy.request({"op": "input_reply", "id": cid, "value": "hunter2"})
+    events += ipy.collect(
+        cid, ipy.request({"op": "poll", "id": cid, "since": resp["next"]}), since=resp["next"]
+    )
+    assert stdout_of(events) == "7\n"
+
+
+def test_traceback_names_the_cell_and_count(ipy: AgentUnderTest) -> None:
+    events = ipy.execute("def f():\n    raise ValueError('bad value')\nf()", execution_count=77)
+    (error,) = of_type(events, "error")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error["traceback"]))
+    assert "Cell In[77]" in text and "bad value" in text
+
+
+# --------------------------------------------------------------------------- fallback specifics
+
+
+def test_fallback_reports_no_ipython(plain: AgentUnderTest) -> None:
+    assert plain.info["ipython_version"] is None
+    assert plain.request({"op": "info"})["reply"]["mode"] == "fallback"
+
+
+def test_fallback_display_and_top_level_await(plain: AgentUnderTest) -> None:
+    events = plain.execute("display({'k': 1})\nimport asyncio\nawait asyncio.sleep(0)\n5")
+    assert [e["type"] for e in events] == ["display_data", "execute_result", "done"]
+    assert events[0]["data"]["text/plain"] == "{'k': 1}"
+
+
+def _python38() -> str | None:
+    """A working 3.8 interpreter (a pyenv shim may exist without one behind it)."""
+    candidates = sorted(Path("/root/.pyenv/versions").glob("3.8.*/bin/python3.8"))
+    for candidate in [shutil.which("python3.8"), *map(str, candidates)]:
+        if not candidate:
+            continue
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 8))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+def test_agent_runs_on_python_3_8(tmp_path: Path) -> None:
+    """The agent promises python3 >= 3.8: run the basic shapes on a real 3.8."""
+    python = _python38()
+    if python is None:
+        pytest.skip("no python3.8 interpreter on this machine to check 3.8 compatibility")
+    agent = AgentUnderTest(tmp_path, python=python, env={"MODBOX_AGENT_NO_IPYTHON": "1"})
+    info = agent.start()
+    try:
+        assert info["python_version"].startswith("3.8.")
+        events = agent.execute("x = 2\nprint('py38')\nx * 21")
+        assert stdout_of(events) == "py38\n"
+        assert of_type(events, "execute_result")[0]["data"]["text/plain"] == "42"
+        assert [e["type"] for e in agent.execute("1/0")] == ["error", "done"]
+    finally:
+        agent.stop()
