@@ -39,6 +39,22 @@ def isolation_required() -> bool:
     return os.environ.get("MODBOX_REQUIRE_ISOLATION", "").strip().lower() in ("1", "true", "yes")
 
 
+def host_pids_of(sandbox_id: str) -> set[int]:
+    """Host pids whose environment carries MODBOX_SANDBOX_ID=<sandbox_id>."""
+    marker = f"MODBOX_SANDBOX_ID={sandbox_id}".encode()
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    found.add(int(name))
+        except OSError:
+            continue
+    return found
+
+
 @dataclass
 class LocalService:
     """A running ``python -m modbox_kernel.local`` and how to reach it."""

@@ -6,7 +6,6 @@ commands in a real sandbox; process checks look at the host's /proc.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -15,25 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LocalSandbox, LocalService, create_sandbox, destroy_sandbox
+from conftest import LocalSandbox, LocalService, create_sandbox, destroy_sandbox, host_pids_of
 
 MIB = 1024 * 1024
-
-
-def host_pids_of(sandbox_id: str) -> set[int]:
-    """Host pids whose environment carries MODBOX_SANDBOX_ID=<sandbox_id>."""
-    marker = f"MODBOX_SANDBOX_ID={sandbox_id}".encode()
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    found.add(int(name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture
@@ -61,8 +44,7 @@ def test_exec_runs_bash_in_the_workspace(local_sandbox: LocalSandbox) -> None:
     result = local_sandbox.exec(
         'echo "$BASH_VERSION"; pwd; echo "$HOME"; echo "$MODBOX_SANDBOX_ID"'
     )
-    bash_version, cwd, home_and_id = result["stdout"].splitlines()
-    home, sandbox_id = home_and_id.split()
+    bash_version, cwd, home, sandbox_id = result["stdout"].splitlines()
     assert bash_version
     assert cwd == home
     assert sandbox_id == local_sandbox.id

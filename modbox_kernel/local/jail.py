@@ -179,6 +179,9 @@ class BwrapJail(Jail):
         args += python_binds()
         args += ["--ro-bind", str(SUPERVISOR_SOURCE), JAIL_SUPERVISOR]
         args += ["--bind", str(spec.workspace), JAIL_WORKSPACE]
+        # Last: the jail's root is a tmpfs bwrap built; without this, /etc, /opt and /
+        # itself would be writable (privately, but "read-only system" means read-only).
+        args += ["--remount-ro", "/"]
         return args
 
 
