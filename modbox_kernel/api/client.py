@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 
-from modbox_kernel import __version__ as _package_version
 from modbox_kernel.errors import (
     ApiError,
     ModboxTimeoutError,
@@ -29,7 +28,7 @@ from modbox_kernel.errors import (
     SandboxError,
 )
 
-from .http import Requester, RetryCallback, parse_json_object
+from .http import USER_AGENT, Requester, RetryCallback, parse_json_object
 from .models import SandboxInfo
 from .retry import RetryMode, RetryPolicy
 from .runtime import SandboxRuntime
@@ -38,8 +37,6 @@ from .urls import check_base_url, redact_url, sandbox_path, trust_env_for
 __all__ = ["ModboxClient"]
 
 logger = logging.getLogger("modbox_kernel.api")
-
-USER_AGENT = f"modbox-kernel/{_package_version} httpx/{httpx.__version__}"
 
 # Longest single POST /wait: keep each long poll under proxy idle limits
 # (reliability.md §4.3); the loop in wait_until_running covers longer deadlines.

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from modbox_kernel import __version__ as _package_version
 from modbox_kernel.errors import (
     ApiError,
     ConfigurationError,
@@ -33,9 +34,11 @@ from modbox_kernel.errors import (
 from .retry import RetryMode, RetryPolicy, parse_retry_after
 from .urls import redact_url
 
-__all__ = ["Requester", "RetryCallback", "RetryNotice", "parse_json_object"]
+__all__ = ["USER_AGENT", "Requester", "RetryCallback", "RetryNotice", "parse_json_object"]
 
 logger = logging.getLogger("modbox_kernel.api")
+
+USER_AGENT = f"modbox-kernel/{_package_version} httpx/{httpx.__version__}"
 
 
 def parse_json_object(

@@ -20,10 +20,9 @@ from typing import Any
 
 import httpx
 
-from modbox_kernel import __version__ as _package_version
 from modbox_kernel.errors import ApiError, AuthenticationError
 
-from .http import Requester, RetryCallback, parse_json_object
+from .http import USER_AGENT, Requester, RetryCallback, parse_json_object
 from .models import ExecResult, SandboxInfo
 from .retry import RetryMode, RetryPolicy
 from .urls import exec_url, redact_url, trust_env_for, upload_url
@@ -66,10 +65,7 @@ class SandboxRuntime:
         self._read_timeout = read_timeout
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers={
-                "User-Agent": f"modbox-kernel/{_package_version} httpx/{httpx.__version__}",
-                "Accept": "application/json",
-            },
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             transport=transport,
             trust_env=trust_env_for(self.exec_url),
         )
