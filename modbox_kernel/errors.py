@@ -274,7 +274,11 @@ def api_error_from_response(
         cls = ServerError
     else:
         cls = _STATUS_CLASSES.get(status_code, ApiError)
-    hint = hint or _DEFAULT_HINTS.get(status_code)
+    default_hint = _DEFAULT_HINTS.get(status_code)
+    if hint and default_hint and status_code == 401:
+        # The service's own hint may speak of its terms; always name the setting too.
+        hint = f"{hint.rstrip('.')}; {default_hint}"
+    hint = hint or default_hint
     sentence = f"{what} failed: Modbox answered HTTP {status_code}"
     if code:
         sentence += f" ({code})"

@@ -39,6 +39,11 @@ PROGRESS_AFTER = 1.0
 # Relay stream text to IOPub at most this often per stream while a cell runs.
 STREAM_FLUSH_INTERVAL = 0.05
 STREAM_FLUSH_BYTES = 64 * 1024
+# After an interrupt (or a time limit), how long the cell may take to stop before the
+# kernel restarts the sandbox's Python process. A second interrupt escalates at once.
+INTERRUPT_GRACE = 3.0
+# A first line of this form sets a time limit for one cell (seconds).
+TIMEOUT_MAGIC = "%%modbox_timeout"
 
 
 def _env(name: str, fallback: str = "") -> str:
@@ -85,6 +90,15 @@ class ModboxKernel(Kernel):
     startup_timeout = Float(
         help="Seconds to wait for a sandbox to be ready (env MODBOX_STARTUP_TIMEOUT)."
     ).tag(config=True)
+    cell_timeout = Float(
+        help="Time limit per cell in seconds, 0 = none (env MODBOX_CELL_TIMEOUT). A cell can "
+        "set its own with a first line '%%modbox_timeout SECONDS'. At the limit the cell is "
+        "interrupted, and if it does not stop, its Python process is restarted."
+    ).tag(config=True)
+    output_limit = Int(
+        help="Maximum stream output per cell in bytes, 0 = unlimited (env MODBOX_OUTPUT_LIMIT). "
+        "Beyond it output is dropped with one notice."
+    ).tag(config=True)
 
     @default("api_url")
     def _default_api_url(self) -> str:
@@ -114,6 +128,14 @@ class ModboxKernel(Kernel):
     def _default_workspace(self) -> str:
         return _env("MODBOX_WORKSPACE_ID")
 
+    @default("cell_timeout")
+    def _default_cell_timeout(self) -> float:
+        return float(_env("MODBOX_CELL_TIMEOUT", "0") or 0)
+
+    @default("output_limit")
+    def _default_output_limit(self) -> int:
+        return int(_env("MODBOX_OUTPUT_LIMIT", str(10 * 1024 * 1024)) or 0)
+
     @default("startup_timeout")
     def _default_startup_timeout(self) -> float:
         return float(_env("MODBOX_STARTUP_TIMEOUT", "120") or 120)
@@ -137,6 +159,12 @@ class ModboxKernel(Kernel):
         )
         self._cell_task: asyncio.Task[Any] | None = None
         self._cell_waiting_for_sandbox = False
+        self._input_wait: asyncio.Future[str] | None = None
+        self._interrupts = 0
+        self._escalated = False
+        self._escalation: asyncio.TimerHandle | None = None
+        self._timed_out: float | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._shutdown_done = threading.Event()
         atexit.register(self._atexit)
 
@@ -185,17 +213,44 @@ class ModboxKernel(Kernel):
             self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
     def _on_interrupt(self) -> None:
+        """Stop the running cell: ask the agent first, escalate if that does not work."""
         task = self._cell_task
         if task is None or task.done():
             return
         if self._cell_waiting_for_sandbox:
             task.cancel()  # nothing runs remotely yet: just stop waiting
             return
-        asyncio.ensure_future(self.modbox.interrupt())
+        if self._input_wait is not None and not self._input_wait.done():
+            self._input_wait.cancel()  # the frontend's prompt is moot now
+        self._interrupts += 1
+        if self._interrupts >= 2:
+            self._escalate()
+            return
+        self._background(self.modbox.interrupt())
+        loop = asyncio.get_event_loop()
+        self._escalation = loop.call_later(INTERRUPT_GRACE, self._escalate)
 
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # keep a reference until done (asyncio holds weak ones)
+        task.add_done_callback(self._tasks.discard)
+
+    def _escalate(self) -> None:
+        """The cell ignored KeyboardInterrupt: end it and restart the sandbox's Python."""
+        task = self._cell_task
+        if task is None or task.done() or self._escalated:
+            return
+        self._escalated = True
+        task.cancel()
+
+    def _on_time_limit(self, limit: float) -> None:
+        self._timed_out = limit
+        self._on_interrupt()
+
+    # -- execute ----
     # -- execute --------------------------------------------------------------------
 
-    async def do_execute(  # type: ignore[override]
+    async def do_execute(
         self,
         code: str,
         silent: bool,
@@ -207,6 +262,7 @@ class ModboxKernel(Kernel):
         cell_id: str | None = None,
     ) -> dict[str, Any]:
         self._allow_stdin = allow_stdin
+        code, limit = self._cell_time_limit(code)
         cell = CellRequest(
             code=code,
             silent=silent,
@@ -214,14 +270,25 @@ class ModboxKernel(Kernel):
             user_expressions=dict(user_expressions or {}),
             allow_stdin=allow_stdin,
             execution_count=self.execution_count,
+            output_limit=max(0, self.output_limit),
         )
-        relay = _Relay(self, silent)
+        relay = _Relay(self, silent, output_limit=max(0, self.output_limit))
+        self._interrupts = 0
+        self._escalated = False
+        self._timed_out = None
         task = asyncio.ensure_future(self._run_cell(cell, relay))
         self._cell_task = task
+        loop = asyncio.get_event_loop()
+        timer = loop.call_later(limit, self._on_time_limit, limit) if limit > 0 else None
         try:
-            return await task
+            reply = await task
+            if self._timed_out is not None and reply.get("ename") == "KeyboardInterrupt":
+                reply = self._time_limit_reply(relay, reply)
+            return reply
         except asyncio.CancelledError:
             relay.flush()
+            if self._escalated:
+                return await self._escalated_reply(relay)
             return self._error_reply(
                 relay,
                 "KeyboardInterrupt",
@@ -233,14 +300,67 @@ class ModboxKernel(Kernel):
             self.log.exception("cell failed in the kernel")
             return self._error_reply(relay, type(exc).__name__, str(exc), [f"{exc}"])
         finally:
+            if timer is not None:
+                timer.cancel()
+            if self._escalation is not None:
+                self._escalation.cancel()
+                self._escalation = None
             self._cell_task = None
             self._cell_waiting_for_sandbox = False
+
+    def _cell_time_limit(self, code: str) -> tuple[str, float]:
+        """Strip a leading ``%%modbox_timeout N`` line; return (code, limit seconds)."""
+        limit = float(self.cell_timeout or 0)
+        first, sep, rest = code.partition("\n")
+        if first.strip().startswith(TIMEOUT_MAGIC):
+            arg = first.strip()[len(TIMEOUT_MAGIC) :].strip()
+            try:
+                limit = float(arg)
+            except ValueError:
+                self.log.warning("ignoring %s with a non-numeric argument", TIMEOUT_MAGIC)
+            # Keep the line count so tracebacks point at the right line numbers.
+            code = "\n" + rest if sep else ""
+        return code, limit
+
+    def _limit_sentence(self) -> str:
+        return (
+            f"the cell exceeded its time limit of {self._timed_out:g} s "
+            f"(set by ModboxKernel.cell_timeout / MODBOX_CELL_TIMEOUT, or {TIMEOUT_MAGIC} "
+            "on the cell's first line)"
+        )
+
+    def _time_limit_reply(self, relay: _Relay, reply: dict[str, Any]) -> dict[str, Any]:
+        # The agent already published its KeyboardInterrupt traceback; add the reason.
+        text = f"Modbox: {self._limit_sentence()}."
+        relay.stream("stderr", text + "\n")
+        relay.flush()
+        return {**reply, "ename": "CellTimeoutError", "evalue": text}
+
+    async def _escalated_reply(self, relay: _Relay) -> dict[str, Any]:
+        try:
+            await asyncio.wait_for(self.modbox.restart_agent(), timeout=30)
+        except Exception as exc:
+            self.log.warning("could not restart the sandbox agent: %s", exc)
+        why = (
+            self._limit_sentence()
+            if self._timed_out is not None
+            else "the cell did not stop after an interrupt"
+        )
+        text = (
+            f"{why}; the Python process in the sandbox was restarted, so all variables "
+            "and imports were lost (files in the sandbox were kept)"
+        )
+        ename = "CellTimeoutError" if self._timed_out is not None else "KeyboardInterrupt"
+        return self._error_reply(relay, ename, text, [_red(f"{ename}: {text}")])
 
     async def _run_cell(self, cell: CellRequest, relay: _Relay) -> dict[str, Any]:
         try:
             await self._wait_for_sandbox(relay)
         except ModboxError as exc:
             return self._error_reply(relay, "SandboxUnavailable", str(exc), [_red(str(exc))])
+        warning = self.modbox.expiry_warning()
+        if warning:
+            relay.stream("stderr", warning + "\n")
         if self.modbox.lost_notice:
             notice = self.modbox.lost_notice
             self.modbox.lost_notice = None
@@ -253,7 +373,10 @@ class ModboxKernel(Kernel):
             done = await self.modbox.execute(cell, relay.event)
         except SandboxLostError as exc:
             relay.flush()
-            text = f"{exc}. Variables and files of this session are lost; the next cell starts a fresh sandbox."
+            text = (
+                f"{exc}. Variables and files of this session are lost; "
+                "the next cell starts a fresh sandbox."
+            )
             return self._error_reply(relay, "SandboxLost", text, [_red(text)])
         except ModboxError as exc:
             relay.flush()
@@ -348,11 +471,17 @@ class ModboxKernel(Kernel):
             if reply is not None:
                 value = reply.get("content", {}).get("value", "")
                 return str(value)
-            await asyncio.sleep(0.01)
+            # A future per wait, so an interrupt can end it (see _on_interrupt).
+            waiter: asyncio.Future[str] = asyncio.get_event_loop().create_future()
+            self._input_wait = waiter
+            await asyncio.wait({waiter}, timeout=0.01)
+            self._input_wait = None
+            if waiter.cancelled():
+                raise _InputCancelled()
 
     # -- the other shell requests: answered from the sandbox's live namespace --------
 
-    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:  # type: ignore[override]
+    async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:
         pos = len(code) if cursor_pos is None else cursor_pos
         try:
             reply = await self.modbox.query("complete", code=code, cursor_pos=pos)
@@ -367,7 +496,7 @@ class ModboxKernel(Kernel):
             "metadata": reply.get("metadata", {}),
         }
 
-    async def do_inspect(  # type: ignore[override]
+    async def do_inspect(
         self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
     ) -> dict[str, Any]:
         try:
@@ -384,7 +513,7 @@ class ModboxKernel(Kernel):
             "metadata": reply.get("metadata", {}),
         }
 
-    async def do_is_complete(self, code: str) -> dict[str, Any]:  # type: ignore[override]
+    async def do_is_complete(self, code: str) -> dict[str, Any]:
         try:
             reply = await self.modbox.query("is_complete", code=code)
         except ModboxError as exc:
@@ -395,7 +524,7 @@ class ModboxKernel(Kernel):
             out["indent"] = reply.get("indent", "")
         return out
 
-    async def do_history(  # type: ignore[override]
+    async def do_history(
         self,
         hist_access_type: str,
         output: bool,
@@ -447,9 +576,14 @@ class ModboxKernel(Kernel):
 class _Relay:
     """Turns agent events into IOPub messages for one cell, coalescing stream text."""
 
-    def __init__(self, kernel: ModboxKernel, silent: bool) -> None:
+    def __init__(self, kernel: ModboxKernel, silent: bool, *, output_limit: int = 0) -> None:
         self.kernel = kernel
         self.silent = silent
+        # A second guard behind the agent's own per-cell cap: stream text beyond the
+        # limit is dropped here with one notice, so kernel memory stays bounded.
+        self._limit = output_limit
+        self._streamed = 0
+        self._truncated = False
         # Pending stream text as runs of one stream name, in arrival order, so
         # interleaved stdout/stderr keep their order when flushed.
         self._runs: list[list[str]] = []
@@ -466,6 +600,14 @@ class _Relay:
     def stream(self, name: str, text: str) -> None:
         if not text:
             return
+        if self._limit:
+            if self._truncated:
+                return
+            room = self._limit - self._streamed
+            if len(text) > room:
+                text = text[: max(0, room)] + self.truncation_notice()
+                self._truncated = True
+            self._streamed += len(text)
         if self._runs and self._runs[-1][0] == name:
             self._runs[-1].append(text)
         else:
@@ -481,6 +623,12 @@ class _Relay:
             # if no further event arrives for a while.
             loop = asyncio.get_event_loop()
             self._timer = loop.call_later(STREAM_FLUSH_INTERVAL, self.flush)
+
+    def truncation_notice(self) -> str:
+        return (
+            f"\n[Modbox: output of this cell truncated after {self._limit} bytes; "
+            "set ModboxKernel.output_limit / MODBOX_OUTPUT_LIMIT to change the limit]\n"
+        )
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -524,6 +672,8 @@ class _Relay:
             value = await self.kernel.ask_frontend(
                 str(event.get("prompt", "")), bool(event.get("password", False))
             )
+        except _InputCancelled:
+            return  # interrupted: the agent raises KeyboardInterrupt in input()
         except Exception:
             value = "\x04"  # the agent turns this into EOFError, as ipykernel does
         if cell is not None:
@@ -541,6 +691,10 @@ class _Relay:
         # The cell has no output of its own yet, so clearing removes only the progress
         # line and nothing stale is left in a saved notebook.
         self.publish("clear_output", {"wait": False})
+
+
+class _InputCancelled(Exception):
+    """An interrupt arrived while the frontend was being asked for input."""
 
 
 def _red(text: str) -> str:

@@ -23,7 +23,9 @@ class ModboxKernelApp(IPKernelApp):
     """IPKernelApp that runs :class:`ModboxKernel`."""
 
     name = "modbox-kernel"
-    kernel_class = Type(ModboxKernel, klass="ipykernel.kernelbase.Kernel").tag(config=True)
+    kernel_class = Type(ModboxKernel, klass="ipykernel.kernelbase.Kernel").tag(  # type: ignore[assignment]
+        config=True
+    )
     capture_fd_output = Bool(False).tag(config=True)
 
     @property

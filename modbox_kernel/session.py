@@ -97,6 +97,7 @@ class CellRequest:
     user_expressions: dict[str, str] = field(default_factory=dict)
     allow_stdin: bool = False
     execution_count: int = 1
+    output_limit: int = 0  # bytes of stream text per cell; 0 = unlimited
     cell_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -107,7 +108,9 @@ class _Sandbox:
     info: SandboxInfo
     runtime: SandboxRuntime
     state_dir: str
+    agent_file: str
     agent_info: dict[str, Any]
+    created: float = field(default_factory=time.monotonic)
 
 
 class SandboxSession:
@@ -124,6 +127,8 @@ class SandboxSession:
         self.lost_notice: str | None = None
         self.running_cell: str | None = None
         self._last_sandbox_id: str | None = None
+        self._ttl_warned: str | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,7 +223,8 @@ class SandboxSession:
             detail = await client.wait_until_running(info.id, timeout=remaining)
             info = info.merged(detail)
             runtime = client.runtime(info, api_key)
-            state_dir, agent_info = await self._start_agent(runtime)
+            state_dir, agent_file = await self._install_agent(runtime)
+            agent_info = await self._start_agent(runtime, state_dir, agent_file)
         except BaseException as exc:
             # Never leave a half-made sandbox behind, whatever went wrong.
             with contextlib.suppress(Exception):
@@ -231,7 +237,13 @@ class SandboxSession:
             if isinstance(exc, ModboxError) and not isinstance(exc, ProvisioningError):
                 raise ProvisioningError(f"could not start the Modbox sandbox: {exc}") from exc
             raise
-        sandbox = _Sandbox(info=info, runtime=runtime, state_dir=state_dir, agent_info=agent_info)
+        sandbox = _Sandbox(
+            info=info,
+            runtime=runtime,
+            state_dir=state_dir,
+            agent_file=agent_file,
+            agent_info=agent_info,
+        )
         self._sandbox = sandbox
         log.info(
             "sandbox %s ready in %.2f s (python %s, ipython %s)",
@@ -242,8 +254,8 @@ class SandboxSession:
         )
         return sandbox
 
-    async def _start_agent(self, runtime: SandboxRuntime) -> tuple[str, dict[str, Any]]:
-        """Put agent.py into the sandbox and start it; returns (state dir, start line)."""
+    async def _install_agent(self, runtime: SandboxRuntime) -> tuple[str, str]:
+        """Put agent.py into the sandbox; returns (state dir, agent file), both absolute."""
         # One exec learns the sandbox's home directory, so every later path is absolute
         # and does not depend on the working directory a real image gives exec.
         res = await runtime.exec('mkdir -p "$HOME/.modbox" && cd "$HOME/.modbox" && pwd -P')
@@ -252,6 +264,12 @@ class SandboxSession:
         state_dir = res.stdout.strip().splitlines()[-1]
         name = f"modbox-agent-{agent_mod.AGENT_VERSION}.py"
         agent_file = await self._put_file(runtime, state_dir, name, agent_mod.agent_source())
+        return state_dir, agent_file
+
+    async def _start_agent(
+        self, runtime: SandboxRuntime, state_dir: str, agent_file: str
+    ) -> dict[str, Any]:
+        """Start (or restart: the agent stops an earlier one) and return its start line."""
         res = await runtime.exec(agent_mod.start_command(agent_file, state_dir), read_timeout=60.0)
         line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
         try:
@@ -261,7 +279,48 @@ class SandboxSession:
         if res.exit_code != 0 or not start_info.get("ok"):
             reason = start_info.get("error") or _tail(res)
             raise AgentError(f"the Python agent did not start in the sandbox: {reason}")
-        return state_dir, start_info
+        return dict(start_info)
+
+    async def restart_agent(self) -> None:
+        """Kill the agent and start a fresh one in the same sandbox (files are kept).
+
+        Called by the kernel when an interrupt did not stop a cell (it swallowed
+        KeyboardInterrupt or sits in C code). The namespace is lost; if even this fails,
+        the sandbox is forgotten so the next cell provisions a new one.
+        """
+        sandbox = self._sandbox
+        if sandbox is None:
+            return
+        pid_file = shlex.quote(f"{sandbox.state_dir}/pid")
+        try:
+            await sandbox.runtime.exec(
+                f'P=$(cat {pid_file} 2>/dev/null) && kill -9 "$P" 2>/dev/null; true',
+                read_timeout=10.0,
+            )
+            sandbox.agent_info = await self._start_agent(
+                sandbox.runtime, sandbox.state_dir, sandbox.agent_file
+            )
+        except ModboxError as exc:
+            log.warning("agent restart failed (%s); the next cell gets a new sandbox", exc)
+            self._forget(sandbox, "the sandbox stopped answering after an interrupt")
+            self.lost_notice = None  # the cell's own error already says state was lost
+
+    def expiry_warning(self) -> str | None:
+        """A one-time sentence when the sandbox's TTL is about to run out, else None."""
+        sandbox = self._sandbox
+        if sandbox is None or self._ttl_warned == sandbox.info.id:
+            return None
+        ttl = self.config.ttl_seconds
+        left = ttl - (time.monotonic() - sandbox.created)
+        if left > max(60.0, 0.1 * ttl):
+            return None
+        self._ttl_warned = sandbox.info.id
+        minutes = max(0, int(left // 60))
+        return (
+            f"Modbox: this sandbox reaches its time limit (TTL {ttl} s) in about {minutes} min; "
+            "after that the next cell starts in a fresh sandbox without the current variables "
+            "and files. Raise MODBOX_TTL_SECONDS for longer sessions."
+        )
 
     async def _put_file(
         self, runtime: SandboxRuntime, state_dir: str, name: str, data: bytes
@@ -409,6 +468,7 @@ class SandboxSession:
             "user_expressions": cell.user_expressions,
             "allow_stdin": cell.allow_stdin,
             "execution_count": cell.execution_count,
+            "output_limit": cell.output_limit,
             "wait": SUBMIT_WAIT,
             "since": 0,
         }
@@ -476,7 +536,9 @@ class SandboxSession:
             client = self._client
             if client is not None:
                 # The old sandbox may still run (only its agent died): destroy it.
-                asyncio.ensure_future(_quietly(client.destroy_sandbox(sandbox.info.id)))
+                task = asyncio.ensure_future(_quietly(client.destroy_sandbox(sandbox.info.id)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def interrupt(self, cell_id: str | None = None) -> bool:
         """Ask the agent to raise KeyboardInterrupt in the running cell."""
