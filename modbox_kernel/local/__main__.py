@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes at most")
     parser.add_argument(
+        "--min-ttl",
+        type=int,
+        default=60,
+        help="smallest ttl_seconds accepted (Modbox: 60; lower it only for tests)",
+    )
+    parser.add_argument(
         "--log-level",
         default=env.get("MODBOX_LOCAL_LOG_LEVEL", "INFO"),
         type=str.upper,
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         output_cap=args.output_cap_mib * MIB,
         memory=args.memory_mib * MIB,
         max_sandboxes=args.max_sandboxes,
+        ttl_min=max(1, args.min_ttl),
     )
     temporary = args.state_dir is None
     state_dir = Path(tempfile.mkdtemp(prefix="modbox-local-")) if temporary else args.state_dir
