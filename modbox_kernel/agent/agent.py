@@ -167,6 +167,49 @@ def _format_exception(exc: BaseException) -> Dict[str, Any]:
     }
 
 
+def _murmur2_x86(data: bytes, seed: int) -> int:
+    """ipykernel's cell-name hash (``ipykernel/compiler.py``), ported byte for byte."""
+    m = 0x5BD1E995
+    length = len(data)
+    h = seed ^ length
+    rounded_end = length & 0xFFFFFFFC
+    for i in range(0, rounded_end, 4):
+        k = data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24)
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * m) & 0xFFFFFFFF
+        h = (h * m) & 0xFFFFFFFF
+        h ^= k
+    tail = length & 0x03
+    k = 0
+    if tail == 3:
+        k = data[rounded_end + 2] << 16
+    if tail in (2, 3):
+        k |= data[rounded_end + 1] << 8
+    if tail:
+        k |= data[rounded_end]
+        h ^= k
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def cell_file_name(code: str) -> str:
+    """The file name the stock kernel gives a cell's code object.
+
+    Warnings (``/tmp/ipykernel_<pid>/<hash>.py:2: UserWarning``), SyntaxError messages
+    and traceback rendering depend on it, so using ipykernel's scheme makes them read
+    exactly as they do on the local ``python3`` kernel.
+    """
+    import tempfile
+
+    name = _murmur2_x86(code.encode("utf-8"), 0xC70F6907)
+    folder = os.path.join(tempfile.gettempdir(), f"ipykernel_{os.getpid()}")
+    return os.path.join(folder, f"{name}.py")
+
+
 # --------------------------------------------------------------------------- cells
 
 
@@ -375,6 +418,7 @@ class Runner:
 def _make_ipython_runner(agent: Agent) -> Runner:
     """Build the InteractiveShell subclass (IPython is imported here, lazily)."""
     from IPython.core import page, payloadpage
+    from IPython.core.compilerop import CachingCompiler
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.error import StdinNotImplementedError as IPyStdinError
@@ -382,6 +426,12 @@ def _make_ipython_runner(agent: Agent) -> Runner:
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.tokenutil import line_at_cursor, token_at_cursor
     from traitlets import CBool, Type
+
+    class AgentCompiler(CachingCompiler):
+        """Names cells like ipykernel's XCachingCompiler (see ``cell_file_name``)."""
+
+        def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
+            return cell_file_name(raw_code)
 
     class AgentDisplayPublisher(DisplayPublisher):
         """display()/update_display()/clear_output() become events (like ipykernel's)."""
@@ -436,6 +486,7 @@ def _make_ipython_runner(agent: Agent) -> Runner:
     class AgentShell(InteractiveShell):
         """InteractiveShell that reports through the agent, modelled on ZMQInteractiveShell."""
 
+        compiler_class = Type(AgentCompiler)
         displayhook_class = Type(AgentDisplayHook)
         display_pub_class = Type(AgentDisplayPublisher)
         readline_use = CBool(False)
@@ -994,10 +1045,7 @@ class Agent:
     def read_input(self, prompt: Any, password: bool) -> str:
         """input()/getpass() of user code: ask the kernel, wait for ``input_reply``."""
         cell = self.current
-        runner = self.runner
-        if cell is None or not cell.allow_stdin:
-            error_class = runner.stdin_error if runner else StdinNotImplementedError
-            raise error_class(GETPASS_REFUSED if password else RAW_INPUT_REFUSED)
+        assert cell is not None
         with self.cond:
             cell.input_value = None
             cell.waiting_input = True
@@ -1020,15 +1068,26 @@ class Agent:
     @contextlib.contextmanager
     def _stdin_patched(self) -> Iterator[None]:
         saved_input, saved_getpass = builtins.input, getpass.getpass
+        cell = self.current
+        allowed = cell is not None and cell.allow_stdin
+        refused = self.runner.stdin_error if self.runner else StdinNotImplementedError
 
-        def agent_input(prompt: Any = "") -> str:
+        # Named and shaped like ipykernel's replacements: when stdin is refused the
+        # traceback's last frame is this small function, as it is ipykernel's there.
+        def raw_input(prompt: Any = "") -> str:
+            __tracebackhide__ = True  # shown only when it is the raising frame
+            if not allowed:
+                raise refused(RAW_INPUT_REFUSED)
             return self.read_input(prompt, False)
 
-        def agent_getpass(prompt: Any = "", stream: Any = None, **kwargs: Any) -> str:
+        def getpass_(prompt: Any = "", stream: Any = None, **kwargs: Any) -> str:
+            __tracebackhide__ = True
+            if not allowed:
+                raise refused(GETPASS_REFUSED)
             return self.read_input(prompt, True)
 
-        builtins.input = agent_input
-        getpass.getpass = agent_getpass
+        builtins.input = raw_input
+        getpass.getpass = getpass_
         try:
             yield
         finally:
