@@ -196,7 +196,7 @@ def test_memory_limit_is_enforced_when_cgroups_are_writable(canary_service: Loca
 
 
 def test_sigkill_of_the_service_leaves_no_sandbox_process(
-    canary_service: LocalService,
+    canary_service: LocalService, tmp_path: Path
 ) -> None:
     # Runs last in this module: it kills the module's service.
     sandboxes = [create_sandbox(canary_service) for _ in range(2)]
@@ -205,6 +205,11 @@ def test_sigkill_of_the_service_leaves_no_sandbox_process(
     ids = [s.id for s in sandboxes]
     assert all(len(host_pids_of(i)) >= 3 for i in ids)
 
+    log_lines = canary_service.log_text().splitlines()
+    state_line = next(line for line in log_lines if "state dir " in line)
+    state_dir = Path(state_line.split("state dir ", 1)[1].split(";", 1)[0])
+    assert state_dir.is_dir()
+
     os.kill(canary_service.pid, signal.SIGKILL)
     canary_service.process.wait(10)
     time.sleep(2)
@@ -212,3 +217,13 @@ def test_sigkill_of_the_service_leaves_no_sandbox_process(
     assert leftovers == {i: set() for i in ids}
     for sandbox in sandboxes:
         sandbox.close()
+
+    # The next start removes what the killed service could not: its temp state dir
+    # (workspaces included) and its sandboxes' cgroups.
+    successor = start_local_service(tmp_path / "successor.log")
+    try:
+        assert not state_dir.exists()
+        stale_cgroups = list(Path("/sys/fs/cgroup").rglob(f"modbox-{canary_service.pid}-*"))
+        assert stale_cgroups == []
+    finally:
+        stop_local_service_process(successor.process)

@@ -19,7 +19,6 @@ import secrets
 import shutil
 import socket
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .config import MIB, Limits, ServiceConfig
 from .isolation import StartupError, choose_jail
 from .registry import Registry
 from .shapes import builtin_image
+from .stale import make_state_dir, reap_stale_state_dirs
 from .state import ServiceState
 
 log = logging.getLogger("modbox_kernel.local")
@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         ttl_min=max(1, args.min_ttl),
     )
     temporary = args.state_dir is None
-    state_dir = Path(tempfile.mkdtemp(prefix="modbox-local-")) if temporary else args.state_dir
+    if temporary:
+        for path in reap_stale_state_dirs():
+            log.info("removed the state dir %s of a service that is gone", path)
+    state_dir = make_state_dir() if temporary else args.state_dir
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         config = ServiceConfig(

@@ -36,6 +36,8 @@ from .procscan import kill_sandbox_processes
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
+# Destroyed records are kept for listing (as Modbox does), but not without bound.
+KEEP_DESTROYED = 1000
 # Extra time the service waits beyond an exec's own limit before it gives up on the
 # supervisor (which enforces the limit itself and normally answers first).
 EXEC_BACKSTOP_S = 30.0
@@ -166,6 +168,7 @@ class Registry:
                 hint="Destroy a sandbox you no longer need.",
                 retryable=True,
             )
+        self._prune()
         sandbox_id = str(uuid.uuid4())
         root = self.config.state_dir / "sandboxes" / sandbox_id
         workspace = root / "workspace"
@@ -192,6 +195,15 @@ class Registry:
         sandbox.start_task = self._spawn(self._start(sandbox), f"start-{sandbox_id}")
         log.info("sandbox %s (%s) provisioning", sandbox_id, name)
         return sandbox
+
+    def _prune(self) -> None:
+        """Forget the oldest destroyed records beyond KEEP_DESTROYED."""
+        gone = [s for s in self._sandboxes.values() if s.torn_down]
+        for sandbox in gone[: max(0, len(gone) - KEEP_DESTROYED)]:
+            del self._sandboxes[sandbox.id]
+        known = self._sandboxes.keys()
+        for key in [k for k, (sid, _) in self._idempotent.items() if sid not in known]:
+            del self._idempotent[key]
 
     async def _start(self, sandbox: Sandbox) -> None:
         try:
