@@ -66,6 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: $MODBOX_LOCAL_ISOLATION or auto)",
     )
     parser.add_argument(
+        "--public-url",
+        default=None,
+        help="base URL to advertise in sandbox URLs and capabilities, e.g. a proxy in front "
+        "of this service (default: the address it listens on; the startup line always "
+        "gives that address)",
+    )
+    parser.add_argument(
         "--network",
         action="store_true",
         help="share the host's network with sandboxes (default: no network)",
@@ -143,17 +150,20 @@ async def _serve(
     if not server.started:
         await serving
         return 1
+    # The startup line names where we listen, even when --public-url advertises another
+    # address: whoever started us (a test putting a proxy in front) needs the real one.
+    listen_url = _base_url(state.config.host, sock.getsockname()[1])
     line = {
-        "base_url": state.base_url,
+        "base_url": listen_url,
         "token": state.config.token,
         "pid": os.getpid(),
         "isolation": state.isolation,
     }
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
-    log.info(
-        "listening on %s (isolation: %s; %s)", state.base_url, state.isolation, state.limits_note
-    )
+    log.info("listening on %s (isolation: %s; %s)", listen_url, state.isolation, state.limits_note)
+    if state.base_url != listen_url:
+        log.info("advertising %s in sandbox URLs", state.base_url)
     watcher = asyncio.create_task(_watch_parent(server, parent)) if parent else None
     await serving
     if watcher is not None:
@@ -211,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             isolation=jail.mode,
             limits_note=note,
             image=builtin_image(datetime.now(timezone.utc)),
-            base_url=_base_url(config.host, sock.getsockname()[1]),
+            base_url=(args.public_url or "").rstrip("/")
+            or _base_url(config.host, sock.getsockname()[1]),
             remove_on_exit=[state_dir] if temporary else [],
         )
         server = uvicorn.Server(
