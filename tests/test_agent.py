@@ -419,6 +419,39 @@ def test_interrupt_stops_a_sleeping_cell_and_keeps_the_namespace(both: AgentUnde
     assert stdout_of(both.execute("print(survivor)")) == "still here\n"
 
 
+def test_interrupt_reaches_a_child_process(both: AgentUnderTest) -> None:
+    # os.system ignores SIGINT in the caller; as under the local kernel the child dies
+    # and the cell goes on.
+    payload = both.execute_payload("import os\nos.system('sleep 30')\nprint('after')", wait=0.5)
+    cid = payload["id"]
+    resp = both.request(payload)
+    time.sleep(0.3)  # let the child start
+    started = time.monotonic()
+    assert both.request({"op": "interrupt", "id": cid})["delivered"] is True
+    events = resp["events"] + both.collect(
+        cid,
+        both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 5.0}),
+        since=resp["next"],
+    )
+    assert time.monotonic() - started < 3
+    assert stdout_of(events) == "after\n"
+
+
+def test_interrupt_of_a_queued_cell_keeps_it_from_running(both: AgentUnderTest) -> None:
+    both.execute("queued_ran = False")
+    first = both.execute_payload("import time\ntime.sleep(30)", wait=0.3)
+    second = both.execute_payload("queued_ran = True", wait=0.0)
+    both.request(first)
+    both.request(second)
+    assert both.request({"op": "interrupt", "id": second["id"]})["delivered"] is True
+    assert both.request({"op": "interrupt", "id": first["id"]})["delivered"] is True
+    for payload in (first, second):
+        cid = payload["id"]
+        events = both.collect(cid, both.request({"op": "poll", "id": cid, "wait": 5.0}))
+        assert [e["ename"] for e in of_type(events, "error")] == ["KeyboardInterrupt"]
+    assert stdout_of(both.execute("print(queued_ran)")) == "False\n"
+
+
 def test_interrupt_ends_an_input_wait(both: AgentUnderTest) -> None:
     payload = both.execute_payload("input('?')", allow_stdin=True, wait=0.5)
     cid = payload["id"]
@@ -489,11 +522,22 @@ def test_c_level_and_subprocess_output_is_captured(both: AgentUnderTest) -> None
         "os.write(1, b'raw\\n')\n"
         "os.system('echo from-system')\n"
         "subprocess.run(['echo', 'from-subprocess'])\n"
-        "os.write(2, b'raw-err\\n')"
+        "os.write(2, b'raw-err\\n')\n"
+        "party = '🎉'.encode()\n"
+        "os.write(1, party[:2]); os.write(1, party[2:] + b'\\xff\\n')"
     )
     events = both.execute(code)
-    assert stdout_of(events) == "py\nraw\nfrom-system\nfrom-subprocess\n"
+    # A character split across two writes stays whole; an invalid byte becomes U+FFFD.
+    assert stdout_of(events) == "py\nraw\nfrom-system\nfrom-subprocess\n🎉\ufffd\n"
     assert stdout_of(events, "stderr") == "raw-err\n"
+
+
+def test_output_between_cells_goes_to_the_log(both: AgentUnderTest) -> None:
+    marker = uuid.uuid4().hex
+    both.execute(f"import subprocess\nsubprocess.Popen('sleep 0.3; echo {marker}', shell=True)")
+    time.sleep(1.0)  # the echo happens while no cell runs
+    assert stdout_of(both.execute("print('next')")) == "next\n"
+    assert marker in Path(both.state_dir, "agent.log").read_text()
 
 
 def test_user_expressions(both: AgentUnderTest) -> None:

@@ -24,27 +24,20 @@ CPython >= 3.8: it is executed by whatever ``python3`` the sandbox has.
 
 from __future__ import annotations
 
-import ast
 import base64
 import builtins
 import codecs
-import codeop
 import collections
 import contextlib
-import fnmatch
 import getpass
 import hashlib
 import hmac
 import io
 import json
-import linecache
 import logging
 import os
-import platform
-import pydoc
 import queue
 import re
-import rlcompleter
 import secrets
 import select
 import signal
@@ -703,6 +696,8 @@ class FallbackRunner(Runner):
 
     # -- running
     def run(self, cell: Cell) -> Dict[str, Any]:
+        import linecache
+
         n = cell.execution_count
         filename = f"Cell In[{n}]"
         # Register the source so tracebacks show the offending lines.
@@ -723,9 +718,11 @@ class FallbackRunner(Runner):
         }
 
     def _exec(self, cell: Cell, filename: str) -> None:
+        import ast
+
         flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
         tree = ast.parse(cell.code, filename, "exec")
-        last: Optional[ast.expr] = None
+        last: Any = None
         if tree.body and isinstance(tree.body[-1], ast.Expr) and not cell.silent:
             last = tree.body.pop().value  # type: ignore[attr-defined]
         body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
@@ -840,6 +837,8 @@ class FallbackRunner(Runner):
     def complete(self, code: str, cursor_pos: int) -> Dict[str, Any]:
         match = re.search(r"[\w.]*$", code[:cursor_pos])
         text = match.group(0) if match else ""
+        import rlcompleter
+
         completer = rlcompleter.Completer(self.ns)
         matches: List[str] = []
         for state in range(1000):
@@ -873,12 +872,16 @@ class FallbackRunner(Runner):
                 obj = getattr(obj, part)
         except Exception:
             return reply
+        import pydoc
+
         text = pydoc.render_doc(obj, title=name + ": %s", renderer=pydoc.plaintext)  # type: ignore[attr-defined]
         reply["data"] = {"text/plain": text}
         reply["found"] = True
         return reply
 
     def is_complete(self, code: str) -> Dict[str, Any]:
+        import codeop
+
         try:
             compiled = codeop.compile_command(code, "<cell>", "exec")
         except (SyntaxError, OverflowError, ValueError):
@@ -910,6 +913,8 @@ class FallbackRunner(Runner):
                 if r[0] == session and r[1] >= start and (stop is None or r[1] < int(stop))
             ]
         elif kind == "search":
+            import fnmatch
+
             pattern = str(req.get("pattern") or "*")
             records = [r for r in records if fnmatch.fnmatchcase(r[2], pattern)]
             if req.get("unique"):
@@ -964,7 +969,7 @@ class Agent:
             "ok": True,
             "pid": os.getpid(),
             "port": self.port,
-            "python_version": platform.python_version(),
+            "python_version": sys.version.split()[0],
             "implementation": sys.implementation.name,
             "ipython_version": self.ipython_version,
             "agent_version": _agent_version(),
@@ -1282,6 +1287,7 @@ class Agent:
             # pthread_kill, not kill: the main thread must be the one whose sleep/read
             # gets EINTR, or the KeyboardInterrupt waits for that call to return.
             signal.pthread_kill(self.main_ident, signal.SIGINT)
+            _interrupt_children()
         # A queued cell sees interrupt_requested when it starts and does not run.
         return {"ok": True, "delivered": True}
 
@@ -1339,15 +1345,47 @@ class Agent:
         os._exit(0)
 
 
+def _interrupt_children() -> None:
+    """SIGINT the cell's child processes, as ipykernel's ``killpg`` of its group does.
+
+    ``os.system('sleep 30')`` ignores SIGINT in the caller while it waits, so only the
+    child can end it. Background jobs started with ``&`` ignore SIGINT (POSIX), as they
+    do under the local kernel. The agent itself is left out: it got its own signal.
+    """
+    me, group = os.getpid(), os.getpgrp()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            if os.getpgid(pid) == group:
+                os.kill(pid, signal.SIGINT)
+        except OSError:
+            pass
+
+
 def _ipython_version_without_import() -> Optional[str]:
-    """IPython's version from its metadata: ``start`` must not pay for the import."""
+    """IPython's version without importing it: ``start`` must not pay for the import.
+
+    The ``ipython-<version>.dist-info`` folder beside the package names it (a listdir);
+    ``importlib.metadata`` (~40 ms to import) is only the fallback.
+    """
     if os.environ.get("MODBOX_AGENT_NO_IPYTHON") == "1":
         return None
     try:
         import importlib.util
 
-        if importlib.util.find_spec("IPython") is None:
+        spec = importlib.util.find_spec("IPython")
+        if spec is None or not spec.origin:
             return None
+        site_dir = os.path.dirname(os.path.dirname(spec.origin))
+        for name in os.listdir(site_dir):
+            match = re.match(r"(?i)ipython-([^-]+?)\.(dist|egg)-info$", name)
+            if match:
+                return match.group(1)
         from importlib import metadata
 
         return metadata.version("ipython")
