@@ -50,9 +50,14 @@ def is_modbox(kernel_name: str = KERNEL_NAME) -> bool:
 
 
 def embedded_env() -> dict[str, str]:
-    """Environment in which a modbox kernel starts its own embedded local service."""
-    env = {k: v for k, v in os.environ.items() if k not in _MODBOX_VARS}
-    return env
+    """Environment in which a modbox kernel starts its own embedded local service.
+
+    ``PYTEST_CURRENT_TEST`` is dropped too: ipykernel turns off its capture of fds 1
+    and 2 when it sees that variable, and the reference kernel must behave as it does
+    for users.
+    """
+    dropped = (*_MODBOX_VARS, "PYTEST_CURRENT_TEST")
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
 
 def service_env(base_url: str, token: str) -> dict[str, str]:
