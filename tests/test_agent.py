@@ -713,3 +713,17 @@ def test_agent_runs_on_python_3_8(tmp_path: Path) -> None:
         assert [e["type"] for e in agent.execute("1/0")] == ["error", "done"]
     finally:
         agent.stop()
+
+
+def test_profile_startup_files_run_before_the_first_cell(tmp_path: Path) -> None:
+    agent = AgentUnderTest(tmp_path, env={"IPYTHONDIR": str(tmp_path / "ipython")})
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-first.py").write_text("from_startup = ['py']\n")
+    (startup / "10-second.ipy").write_text("from_startup.append('ipy')\n")
+    agent.start()
+    try:
+        assert stdout_of(agent.execute("print(from_startup)")) == "['py', 'ipy']\n"
+        assert agent.execute("%store")[-1]["status"] == "ok"  # storemagic is loaded
+    finally:
+        agent.stop()

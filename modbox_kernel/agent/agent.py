@@ -29,6 +29,7 @@ import builtins
 import codecs
 import collections
 import contextlib
+import faulthandler
 import getpass
 import hashlib
 import hmac
@@ -546,6 +547,28 @@ def _make_ipython_runner(agent: Agent) -> Runner:
         def __init__(self) -> None:
             # Any: IPython's attributes are Optional in its hints but always set here.
             self.shell: Any = AgentShell.instance()
+            self._init_like_kernelapp()
+
+        def _init_like_kernelapp(self) -> None:
+            """What IPKernelApp adds around its shell: default extension, startup files."""
+            shell = self.shell
+            try:
+                shell.extension_manager.load_extension("storemagic")  # %store
+            except Exception:
+                log.exception("could not load the storemagic extension")
+            # Profile startup files run before the first cell, in name order, like
+            # InteractiveShellApp._run_startup_files (their output goes to the log).
+            startup_dir = shell.profile_dir.startup_dir
+            try:
+                names = sorted(os.listdir(startup_dir))
+            except OSError:
+                names = []
+            for name in names:
+                path = os.path.join(startup_dir, name)
+                if name.endswith(".py"):
+                    shell.safe_execfile(path, shell.user_ns)
+                elif name.endswith(".ipy"):
+                    shell.safe_execfile_ipy(path)
 
         def run(self, cell: Cell) -> Dict[str, Any]:
             shell = self.shell
@@ -1259,7 +1282,7 @@ class Agent:
             if drop > 0:
                 del cell.events[:drop]
                 cell.base += drop
-            start = max(since, cell.base)
+            start = min(max(since, cell.base), cell.next_seq)
             out: List[Event] = []
             size = 0
             for event in cell.events[start - cell.base :]:
@@ -1341,7 +1364,6 @@ class Agent:
         """Remove our files and leave at once (a running cell dies with us)."""
         log.info("shutting down")
         _remove_state_files(self.state_dir, os.getpid())
-        logging.shutdown()
         os._exit(0)
 
 
@@ -1488,12 +1510,29 @@ def _remove_state_files(state_dir: str, pid: int) -> None:
             pass
 
 
+def _close_inherited_fds(keep: int) -> None:
+    """Close what the exec gave us (its pipes, sockets): the daemon must not hold them.
+
+    Listing /proc/self/fd costs one call per open fd; closerange up to the fd limit
+    costs one per possible fd (a million, in some containers).
+    """
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 65536)
+        return
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the fd of the listdir itself, already closed
+
+
 def _run_daemon(state_dir: str, ready_fd: int) -> None:
     """The daemon's body (grandchild of ``start``): serve until ``shutdown``."""
-    max_fd = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024
-    # Inherited descriptors (the exec's pipes, sockets) must not be kept open by us.
-    os.closerange(3, ready_fd)
-    os.closerange(ready_fd + 1, max(max_fd, ready_fd + 2))
+    _close_inherited_fds(keep=ready_fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -1502,7 +1541,10 @@ def _run_daemon(state_dir: str, ready_fd: int) -> None:
     )
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
-    handler = logging.StreamHandler(open(log_fd, "w", buffering=1, closefd=False))
+    log_stream = open(log_fd, "w", buffering=1, closefd=False)
+    # A segfault in user C code kills the agent: leave the reason in the log.
+    faulthandler.enable(file=log_stream)
+    handler = logging.StreamHandler(log_stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.propagate = False
