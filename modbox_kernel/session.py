@@ -60,7 +60,7 @@ POLL_WAIT = 1.0
 SUBMIT_WAIT = 0.1
 # After a poll that brought only stream text, wait this long before the next one, so a
 # flood of prints reaches IOPub as a few tens of messages per second, not thousands.
-MIN_STREAM_INTERVAL = 0.025
+MIN_STREAM_INTERVAL = 0.02
 # How long transient transport faults (resets, 5xx, stalls) are retried while a cell
 # runs before the cell fails with a sentence.
 TRANSPORT_RETRY_WINDOW = 30.0
