@@ -120,9 +120,29 @@ def test_source_runs_verbatim(kc: BlockingKernelClient) -> None:
 
 
 def test_nul_escape_and_raw_form(kc: BlockingKernelClient) -> None:
+    # The six characters a \ x 0 0 b in the source: an escape Python turns into a NUL,
+    # and the same six characters in a raw string, where they stay six characters.
     run = run_cell(kc, 's = "a\\x00b"\nr = r"a\\x00b"\nprint(len(s), ord(s[1]), len(r), r)')
     assert run.status == "ok", run.describe()
     assert run.stdout == "3 0 6 a\\x00b\n"
+
+
+def test_real_nul_in_source_reaches_python(kc: BlockingKernelClient) -> None:
+    # An actual NUL character inside a string literal. Python refuses such source; the
+    # kernel must deliver it intact (not drop it, not cut the cell there), so the cell
+    # fails exactly as compiling the same source here fails.
+    code = 's = "a\x00b"\nprint(len(s))'
+    with pytest.raises(SyntaxError) as compiled:
+        compile(code, "<cell>", "exec")
+    run = run_cell(kc, code)
+    assert run.status == "error", run.describe()
+    errors = [m["content"] for m in run.outputs if m["msg_type"] == "error"]
+    assert [e["ename"] for e in errors] == ["SyntaxError"], run.describe()
+    assert errors[0]["evalue"].startswith(str(compiled.value.msg)), run.describe()
+    assert run.stdout == ""
+
+    after = run_cell(kc, "print('still fine')")
+    assert after.stdout == "still fine\n", after.describe()
 
 
 def test_emoji_and_combining_sequences_print_verbatim(kc: BlockingKernelClient) -> None:
