@@ -220,6 +220,29 @@ def test_start_again_replaces_the_running_agent(fresh: AgentUnderTest) -> None:
     assert of_type(events, "execute_result")[0]["data"]["text/plain"] == "False"
 
 
+def _start_fails(state_dir: Path) -> dict[str, Any]:
+    command = start_command(str(AGENT_PATH), str(state_dir), python=sys.executable)
+    proc = _bash(command, timeout=40)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    (line,) = proc.stdout.splitlines()
+    answer: dict[str, Any] = json.loads(line)
+    assert answer["ok"] is False
+    return answer
+
+
+def test_start_reports_an_unusable_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    answer = _start_fails(tmp_path / "a-file" / "state")
+    assert "cannot prepare" in answer["error"]
+
+
+def test_start_reports_a_daemon_that_dies_while_starting(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "agent.log").mkdir(parents=True)  # the daemon cannot open its log
+    answer = _start_fails(state)
+    assert "could not start" in answer["error"] and "agent.log" in answer["error"]
+
+
 def test_unreachable_agent_exits_97(tmp_path: Path) -> None:
     proc = _bash(request_command(str(tmp_path / "nothing-here"), {"op": "info"}))
     assert proc.returncode == UNREACHABLE_EXIT

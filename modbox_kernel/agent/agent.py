@@ -1671,10 +1671,15 @@ def cmd_start(state_dir: str) -> int:
         code = 0
         try:
             _run_daemon(state_dir, w)
-        except BaseException:
+        except BaseException as exc:
             log.exception("the agent failed")
             traceback.print_exc()
             code = 1
+            try:  # still starting: tell `start` why (after the ready line, fd w is closed)
+                reason = f"The Modbox agent could not start: {type(exc).__name__}: {exc}"
+                os.write(w, (json.dumps({"ok": False, "error": reason}) + "\n").encode())
+            except OSError:
+                pass
         os._exit(code)
     os.close(w)
     os.waitpid(pid, 0)
@@ -1693,9 +1698,13 @@ def cmd_start(state_dir: str) -> int:
         buf += chunk
     os.close(r)
     if b"\n" in buf:
-        sys.stdout.write(buf.split(b"\n", 1)[0].decode() + "\n")
+        line = buf.split(b"\n", 1)[0].decode()
+        sys.stdout.write(line + "\n")
         sys.stdout.flush()
-        return 0
+        try:
+            return 0 if json.loads(line).get("ok") else 1
+        except (ValueError, AttributeError):
+            return 1
     why = f"did not report within {START_TIMEOUT_SECONDS:.0f} s" if not buf else "failed"
     tail = _log_tail(state_dir)
     msg = f"The Modbox agent {why}; {state_dir}/agent.log says: {tail or '(nothing)'}"
