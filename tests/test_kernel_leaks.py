@@ -125,7 +125,7 @@ async def test_twenty_kernels_leave_no_sandbox(request: pytest.FixtureRequest) -
 
 async def test_embedded_backend_dies_with_its_kernel() -> None:
     kernel = await LiveKernel.start(embedded_env())
-    kernel_pid = kernel.km.provisioner.pid  # type: ignore[union-attr]
+    kernel_pid = kernel.km.provisioner.pid if kernel.km.provisioner else None
     assert kernel_pid is not None
     tree = psutil.Process(kernel_pid).children(recursive=True)
     assert kernel.sandbox_id and kernel.sandbox_id != "unset"
