@@ -675,8 +675,9 @@ def _make_ipython_runner(agent: Agent) -> Runner:
             output = bool(req.get("output", False))
             if kind == "tail":
                 n = req.get("n")
-                hist = hm.get_tail(10 if n is None else int(n), raw=raw, output=output,
-                                   include_latest=True)  # fmt: skip
+                hist = hm.get_tail(
+                    10 if n is None else int(n), raw=raw, output=output, include_latest=True
+                )
             elif kind == "range":
                 hist = hm.get_range(
                     int(req.get("session") or 0),
@@ -984,6 +985,7 @@ class Agent:
         self._critical_depth = 0
         self._sigint_pending = False
         self.mode = "starting"
+        self.version = _agent_version()
         self.ipython_version = _ipython_version_without_import()
 
     # -- identity
@@ -995,7 +997,7 @@ class Agent:
             "python_version": sys.version.split()[0],
             "implementation": sys.implementation.name,
             "ipython_version": self.ipython_version,
-            "agent_version": _agent_version(),
+            "agent_version": self.version,
             "mode": self.mode,
             "ready": self.ready.is_set(),
         }
@@ -1565,8 +1567,7 @@ def _run_daemon(state_dir: str, ready_fd: int) -> None:
     _write_private(os.path.join(state_dir, "token"), agent.token + "\n")
     _write_private(os.path.join(state_dir, "port"), f"{agent.port}\n")
     _write_private(os.path.join(state_dir, "pid"), f"{os.getpid()}\n")
-    log.info("agent %s listening on 127.0.0.1:%d (pid %d)", _agent_version(), agent.port,
-             os.getpid())  # fmt: skip
+    log.info("agent %s listening on 127.0.0.1:%d (pid %d)", agent.version, agent.port, os.getpid())
     os.write(ready_fd, (json.dumps(agent.info()) + "\n").encode())
     os.close(ready_fd)
 
