@@ -580,9 +580,11 @@ class _Relay:
     def __init__(self, kernel: ModboxKernel, silent: bool, *, output_limit: int = 0) -> None:
         self.kernel = kernel
         self.silent = silent
-        # A second guard behind the agent's own per-cell cap: stream text beyond the
-        # limit is dropped here with one notice, so kernel memory stays bounded.
-        self._limit = output_limit
+        # A second guard behind the agent's own per-cell cap (the agent cuts at the
+        # limit and adds the notice; the slack keeps that notice from being cut again
+        # here): an agent that ignores the limit still cannot grow kernel memory.
+        self._configured_limit = output_limit
+        self._limit = output_limit + 64 * 1024 if output_limit else 0
         self._streamed = 0
         self._truncated = False
         # Pending stream text as runs of one stream name, in arrival order, so
@@ -625,7 +627,7 @@ class _Relay:
 
     def truncation_notice(self) -> str:
         return (
-            f"\n[Modbox: output of this cell truncated after {self._limit} bytes; "
+            f"\n[Modbox: output of this cell truncated after {self._configured_limit} bytes; "
             "set ModboxKernel.output_limit / MODBOX_OUTPUT_LIMIT to change the limit]\n"
         )
 

@@ -207,6 +207,17 @@ def cell_file_name(code: str) -> str:
 # --------------------------------------------------------------------------- cells
 
 
+def truncation_notice(limit: int) -> str:
+    """The one line that replaces a cell's stream output beyond ``output_limit``.
+
+    The kernel's own guard uses the same words, so the user sees one notice.
+    """
+    return (
+        f"\n[Modbox: output of this cell truncated after {limit} bytes; "
+        "set ModboxKernel.output_limit / MODBOX_OUTPUT_LIMIT to change the limit]\n"
+    )
+
+
 class Cell:
     """One ``execute`` request and the numbered events it produced.
 
@@ -231,6 +242,11 @@ class Cell:
         self.interrupt_requested = False
         self.waiting_input = False
         self.input_value: Optional[str] = None
+        # Per-cell cap on stream text (characters), enforced here so a flood never
+        # crosses the exec boundary; 0 = unlimited. One notice marks the cut.
+        self.output_limit = max(0, int(req.get("output_limit") or 0))
+        self.streamed = 0
+        self.truncated = False
 
     @property
     def next_seq(self) -> int:
@@ -1030,8 +1046,14 @@ class Agent:
     # -- events
     def append_stream(self, cell: Cell, name: str, text: str) -> None:
         with self.cond:
-            if cell.state == "finished":
+            if cell.state == "finished" or cell.truncated:
                 return
+            if cell.output_limit:
+                room = cell.output_limit - cell.streamed
+                if len(text) > room:
+                    text = text[: max(0, room)] + truncation_notice(cell.output_limit)
+                    cell.truncated = True
+                cell.streamed += len(text)
             last = cell.events[-1] if cell.events else None
             if (
                 last is not None
