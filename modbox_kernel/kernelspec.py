@@ -30,9 +30,7 @@ def _spec_source() -> Path:
     return installed
 
 
-def install(
-    *, user: bool = False, prefix: str | None = None, name: str = KERNEL_NAME
-) -> str:
+def install(*, user: bool = False, prefix: str | None = None, name: str = KERNEL_NAME) -> str:
     """Write kernel.json (argv pinned to this interpreter) plus logos; return the path."""
     source = _spec_source()
     with tempfile.TemporaryDirectory() as td:
