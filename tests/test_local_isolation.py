@@ -185,12 +185,22 @@ def test_memory_limit_is_enforced_when_cgroups_are_writable(canary_service: Loca
         pytest.skip(f"no writable memory cgroup on this host ({health['limits']})")
     sandbox = create_sandbox(canary_service)
     try:
-        hog = sandbox.exec(
-            f"python3 -c 'b = bytearray({3 * SMALL_MEMORY_MIB} * 1024 * 1024); print(len(b))'"
+        # Touched pages, so the cgroup (not an early MemoryError) must stop it. An OOM
+        # kill ends the whole sandbox, and the answer says why.
+        hog = sandbox.http.post(
+            sandbox.exec_url,
+            json={"command": f"python3 -c 'b = bytearray({3 * SMALL_MEMORY_MIB} << 20)'"},
         )
-        assert hog["exitCode"] != 0, hog
-        assert hog["exitCode"] == 137 or "MemoryError" in hog["stderr"], hog
-        assert sandbox.exec("echo still here")["stdout"] == "still here\n"
+        assert hog.status_code == 404, hog.text
+        message = hog.json()["error"]["message"]
+        assert message.endswith(f"was destroyed: out of memory (limit {SMALL_MEMORY_MIB} MiB).")
+        with canary_service.client() as control:
+            detail = control.get(f"/sandboxes/{sandbox.id}").json()
+            # DELETE answers once the (already running) teardown has finished.
+            assert control.delete(f"/sandboxes/{sandbox.id}").json() == {"success": True}
+        assert detail["status"] == "destroyed"
+        assert detail["error"] == f"out of memory (limit {SMALL_MEMORY_MIB} MiB)"
+        assert host_pids_of(sandbox.id) == set()
     finally:
         destroy_sandbox(sandbox)
 

@@ -6,6 +6,12 @@ line to stdout — ``{"base_url", "token", "pid", "isolation"}`` — so the pare
 where it is and how to authenticate; that line is the only place the token appears.
 Logs go to stderr. SIGTERM/SIGINT (or the parent's death with
 ``--exit-with-parent``) destroy every sandbox and exit.
+
+``--check`` instead starts one probe sandbox, prints which isolation features and
+limits are in force on this host (``check``), and exits: 0 when sandboxes can be
+isolated, or when they would merely run unisolated and isolation is not required; 2
+when isolation is required (``MODBOX_REQUIRE_ISOLATION=1`` or ``--isolation bwrap``)
+and cannot be had, as the service itself would refuse to start.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import uvicorn
 
 from .app import build_app
 from .cgroups import detect as detect_cgroups
-from .config import MIB, Limits, ServiceConfig
+from .check import run_check
+from .config import DEFAULT_SANDBOX_UID, GIB, MIB, Limits, ServiceConfig
 from .isolation import StartupError, choose_jail
 from .registry import Registry
 from .shapes import builtin_image
@@ -82,14 +89,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="exit (destroying all sandboxes) when the parent process dies",
     )
-    parser.add_argument("--exec-timeout", type=float, default=300.0, help="default exec limit (s)")
     parser.add_argument(
+        "--bwrap",
+        default=env.get("MODBOX_LOCAL_BWRAP") or None,
+        help="the bwrap executable (default: $MODBOX_LOCAL_BWRAP, else bwrap on PATH)",
+    )
+    parser.add_argument(
+        "--sandbox-uid",
+        type=int,
+        default=int(env.get("MODBOX_LOCAL_SANDBOX_UID") or DEFAULT_SANDBOX_UID),
+        help="when the service runs as root, the unprivileged uid (and gid) sandboxes run "
+        f"as (default: $MODBOX_LOCAL_SANDBOX_UID, else {DEFAULT_SANDBOX_UID})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="print which isolation features and limits are in force here, then exit",
+    )
+    limits = parser.add_argument_group("limits per sandbox")
+    limits.add_argument("--exec-timeout", type=float, default=300.0, help="default exec limit (s)")
+    limits.add_argument(
         "--output-cap-mib", type=int, default=16, help="per-stream exec output cap (MiB)"
     )
-    parser.add_argument(
-        "--memory-mib", type=int, default=2048, help="per-sandbox memory limit (MiB, cgroup)"
+    limits.add_argument(
+        "--memory-mib", type=int, default=2048, help="memory limit (MiB, cgroup; default 2048)"
     )
-    parser.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes at most")
+    limits.add_argument(
+        "--cpus", type=float, default=1.0, help="CPU quota in CPUs (cgroup; 0 = none; default 1)"
+    )
+    limits.add_argument(
+        "--cpu-seconds",
+        type=int,
+        default=0,
+        help="RLIMIT_CPU per process in seconds (0 = off, the default)",
+    )
+    limits.add_argument(
+        "--pids", type=int, default=512, help="processes and threads (pids cgroup and RLIMIT_NPROC)"
+    )
+    limits.add_argument("--nofile", type=int, default=4096, help="open files (RLIMIT_NOFILE)")
+    limits.add_argument(
+        "--fsize-mib", type=int, default=1024, help="largest file written (RLIMIT_FSIZE, MiB)"
+    )
+    limits.add_argument(
+        "--tmp-mib", type=int, default=512, help="size of /tmp and of /dev/shm, each (MiB)"
+    )
+    limits.add_argument(
+        "--workspace-mib", type=int, default=1024, help="size of the workspace (MiB, tmpfs)"
+    )
+    host = parser.add_argument_group("admission (per service)")
+    host.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes at most")
+    host.add_argument(
+        "--max-memory-mib",
+        type=int,
+        default=None,
+        help="sum of live sandboxes' memory limits at most (default: twice the host's RAM)",
+    )
     parser.add_argument(
         "--min-ttl",
         type=int,
@@ -183,14 +237,25 @@ def main(argv: list[str] | None = None) -> int:
         exec_timeout_default=args.exec_timeout,
         output_cap=args.output_cap_mib * MIB,
         memory=args.memory_mib * MIB,
+        cpus=max(0.0, args.cpus),
+        cpu_time=max(0, args.cpu_seconds),
+        nproc=args.pids,
+        nofile=args.nofile,
+        fsize=args.fsize_mib * MIB,
+        tmp_size=args.tmp_mib * MIB,
+        workspace_size=args.workspace_mib * MIB,
         max_sandboxes=args.max_sandboxes,
+        max_total_memory=(
+            args.max_memory_mib * MIB if args.max_memory_mib is not None else _default_budget()
+        ),
         ttl_min=max(1, args.min_ttl),
     )
-    temporary = args.state_dir is None
+    temporary = args.state_dir is None or args.check
     if temporary:
         for path in reap_stale_state_dirs():
             log.info("removed the state dir %s of a service that is gone", path)
     state_dir = make_state_dir() if temporary else args.state_dir
+    assert state_dir is not None
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         config = ServiceConfig(
@@ -202,19 +267,25 @@ def main(argv: list[str] | None = None) -> int:
             require_isolation=_require_isolation(),
             network=args.network,
             limits=limits,
+            bwrap=args.bwrap,
+            sandbox_uid=args.sandbox_uid,
+            sandbox_gid=args.sandbox_uid,
         )
+        if args.check:
+            return asyncio.run(run_check(config))
         try:
-            jail = choose_jail(config.isolation, config.require_isolation, limits, config.state_dir)
+            jail = choose_jail(config)
             sock = _bind(config.host, config.port)
         except (StartupError, OSError) as exc:
             print(f"modbox-local: cannot start: {exc}", file=sys.stderr, flush=True)
             return 2
-        cgroups = detect_cgroups(limits.memory, limits.nproc)
+        cgroups = detect_cgroups(limits.memory, limits.nproc, limits.cpus)
         cgroups.reap_stale()
         note = cgroups.description
         if not cgroups.enforces_memory:
             note += f"; RLIMIT_AS {limits.address_space // MIB} MiB per process"
         log.info("state dir %s; resource limits: %s", config.state_dir, note)
+        log.info("sandboxes run as %s", jail.privilege.describe())
         state = ServiceState(
             config=config,
             registry=Registry(config, jail, cgroups),
@@ -241,6 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _default_budget() -> int:
+    """Twice the host's RAM (see ``admission``); 128 GiB if /proc/meminfo is unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return 2 * int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 128 * GIB
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
-"""Per-sandbox memory and pids limits through cgroups, where this host lets us write them.
+"""Per-sandbox memory, pids and CPU limits through cgroups, where this host lets us write them.
 
 Who calls what: ``__main__`` calls :func:`detect` once at startup and logs its
 ``description``; ``registry`` calls :meth:`CgroupManager.create` before starting a
-sandbox (the jail launcher joins the returned ``procs_files``) and
-:meth:`SandboxCgroup.kill_and_remove` when destroying it.
+sandbox (the jail launcher joins the returned ``procs_files``), reads
+:meth:`SandboxCgroup.oom_kills` and :meth:`SandboxCgroup.pids_limit_hits` to name the
+cause of a death or a failed fork, and calls :meth:`SandboxCgroup.kill_and_remove`
+when destroying it.
 
 Why: bwrap enforces no resource limits (reliability.md §0.1), RLIMIT_AS is per process
-and RLIMIT_NPROC does nothing for uid 0 (§2.3), so a memory and a pids cgroup are the
-only real bound on one sandbox. Each sandbox gets a child of the cgroup the service
-itself runs in (never one higher up: a sandbox must stay inside whatever limits the
-service was given). cgroup v1 (separate ``memory`` and ``pids`` hierarchies) and v2
-(when ``memory``/``pids`` can be enabled for our children) are supported; with neither
-writable the service runs without and says so.
+and RLIMIT_NPROC is per uid, so a memory and a pids cgroup are the only bound on one
+sandbox as a whole. Each sandbox gets a child of the cgroup the service itself runs in
+(never one higher up: a sandbox must stay inside whatever limits the service was
+given). cgroup v1 (separate ``memory``, ``pids`` and ``cpu`` hierarchies) and v2 (when
+the controllers can be enabled for our children) are supported; with neither writable
+the service runs without and says so. The CPU quota is optional: without a writable
+``cpu`` controller sandboxes share the CPUs by the scheduler's default weights.
 
 All functions are blocking file-system calls; callers run them in a worker thread.
 """
@@ -36,6 +39,9 @@ class SandboxCgroup:
     """The cgroup directories of one sandbox (one per v1 hierarchy, or one v2 dir)."""
 
     dirs: tuple[Path, ...]
+    memory_dir: Path | None = None
+    pids_dir: Path | None = None
+    v2: bool = False
 
     @property
     def procs_files(self) -> tuple[Path, ...]:
@@ -47,6 +53,20 @@ class SandboxCgroup:
             with contextlib.suppress(OSError):
                 found.update(int(x) for x in procs.read_text().split())
         return found
+
+    def oom_kills(self) -> int:
+        """Processes the kernel's OOM killer has killed in this sandbox so far."""
+        if self.memory_dir is None:
+            return 0
+        # v1: memory.oom_control has "oom_kill N" (Linux >= 4.13); v2: memory.events.
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        return _keyed_counter(self.memory_dir / name, "oom_kill")
+
+    def pids_limit_hits(self) -> int:
+        """fork()/clone() calls that failed because the sandbox hit pids.max."""
+        if self.pids_dir is None:
+            return 0
+        return _keyed_counter(self.pids_dir / "pids.events", "max")
 
     def kill_and_remove(self, grace: float = 2.0) -> bool:
         """SIGKILL everything still in the cgroup, then remove it. True when removed."""
@@ -86,10 +106,20 @@ class CgroupManager:
     pids_base: Path | None
     memory_limit: int
     pids_limit: int
+    cpu_base: Path | None = None
+    cpus: float = 0.0  # CPU quota in CPUs; 0 = no quota
 
     @property
     def enforces_memory(self) -> bool:
         return self.memory_base is not None
+
+    @property
+    def enforces_pids(self) -> bool:
+        return self.pids_base is not None
+
+    @property
+    def enforces_cpu(self) -> bool:
+        return self.cpu_base is not None and self.cpus > 0
 
     @property
     def description(self) -> str:
@@ -100,6 +130,8 @@ class CgroupManager:
             parts.append(f"memory {self.memory_limit // (1024 * 1024)} MiB")
         if self.pids_base is not None:
             parts.append(f"pids {self.pids_limit}")
+        if self.enforces_cpu:
+            parts.append(f"cpu {self.cpus:g} CPU")
         return f"cgroup {self.version}: " + ", ".join(parts)
 
     def create(self, sandbox_id: str) -> SandboxCgroup | None:
@@ -107,33 +139,41 @@ class CgroupManager:
             return None
         name = f"{PREFIX}{os.getpid()}-{sandbox_id}"
         dirs: list[Path] = []
+        memory_dir = pids_dir = None
         try:
             if self.version == "v2":
                 assert self.memory_base is not None
                 d = self.memory_base / name
                 d.mkdir()
                 dirs.append(d)
-                _write_v2_limits(d, self.memory_limit, self.pids_limit)
+                _write_v2_limits(d, self.memory_limit, self.pids_limit, self.cpus)
+                memory_dir = pids_dir = d
             else:
                 if self.memory_base is not None:
-                    d = self.memory_base / name
-                    d.mkdir()
-                    dirs.append(d)
-                    _write_v1_memory(d, self.memory_limit)
+                    memory_dir = self.memory_base / name
+                    memory_dir.mkdir()
+                    dirs.append(memory_dir)
+                    _write_v1_memory(memory_dir, self.memory_limit)
                 if self.pids_base is not None:
-                    d = self.pids_base / name
+                    pids_dir = self.pids_base / name
+                    pids_dir.mkdir()
+                    dirs.append(pids_dir)
+                    (pids_dir / "pids.max").write_text(str(self.pids_limit))
+                if self.cpu_base is not None and self.cpus > 0:
+                    d = self.cpu_base / name
                     d.mkdir()
                     dirs.append(d)
-                    (d / "pids.max").write_text(str(self.pids_limit))
+                    _write_v1_cpu(d, self.cpus)
         except OSError as exc:
             log.warning("could not set up the cgroup of sandbox %s: %s", sandbox_id, exc)
             SandboxCgroup(tuple(dirs)).kill_and_remove(grace=0.5)
             return None
-        return SandboxCgroup(tuple(dirs))
+        return SandboxCgroup(tuple(dirs), memory_dir, pids_dir, v2=self.version == "v2")
 
     def reap_stale(self) -> None:
         """Remove sandbox cgroups left by a service that died (its pid is gone)."""
-        for base in {b for b in (self.memory_base, self.pids_base) if b is not None}:
+        bases = (self.memory_base, self.pids_base, self.cpu_base)
+        for base in {b for b in bases if b is not None}:
             with contextlib.suppress(OSError):
                 for child in base.iterdir():
                     owner = _owner_pid(child.name)
@@ -141,7 +181,7 @@ class CgroupManager:
                         SandboxCgroup((child,)).kill_and_remove(grace=0.5)
 
 
-def detect(memory_limit: int, pids_limit: int) -> CgroupManager:
+def detect(memory_limit: int, pids_limit: int, cpus: float = 0.0) -> CgroupManager:
     """Find cgroup hierarchies we may create children in (tested with a probe child)."""
     none = CgroupManager("none", None, None, memory_limit, pids_limit)
     try:
@@ -151,13 +191,19 @@ def detect(memory_limit: int, pids_limit: int) -> CgroupManager:
         return none
     memory_v1 = _v1_base(mounts, own, "memory")
     pids_v1 = _v1_base(mounts, own, "pids")
+    cpu_v1 = _v1_base(mounts, own, "cpu") if cpus > 0 else None
     if memory_v1 is not None or pids_v1 is not None:
-        manager = CgroupManager("v1", memory_v1, pids_v1, memory_limit, pids_limit)
+        manager = CgroupManager("v1", memory_v1, pids_v1, memory_limit, pids_limit, cpu_v1, cpus)
         if _probe(manager):
             return manager
+        if cpu_v1 is not None:  # the cpu hierarchy alone may be the problem
+            manager = CgroupManager("v1", memory_v1, pids_v1, memory_limit, pids_limit)
+            if _probe(manager):
+                return manager
     v2 = _v2_base(mounts, own)
     if v2 is not None:
-        manager = CgroupManager("v2", v2, v2, memory_limit, pids_limit)
+        v2_cpu = v2 if cpus > 0 and "cpu" in _v2_enabled(v2) else None
+        manager = CgroupManager("v2", v2, v2, memory_limit, pids_limit, v2_cpu, cpus)
         if _probe(manager):
             return manager
     return none
@@ -179,12 +225,40 @@ def _write_v1_memory(d: Path, limit: int) -> None:
             memsw.write_text(str(limit))  # no swap beyond the memory limit
 
 
-def _write_v2_limits(d: Path, memory: int, pids: int) -> None:
+def _write_v1_cpu(d: Path, cpus: float) -> None:
+    period = 100_000
+    (d / "cpu.cfs_period_us").write_text(str(period))
+    (d / "cpu.cfs_quota_us").write_text(str(max(1000, int(cpus * period))))
+
+
+def _write_v2_limits(d: Path, memory: int, pids: int, cpus: float) -> None:
     (d / "memory.max").write_text(str(memory))
     for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
         with contextlib.suppress(OSError):
             (d / name).write_text(value)
     (d / "pids.max").write_text(str(pids))
+    if cpus > 0 and (d / "cpu.max").exists():
+        period = 100_000
+        (d / "cpu.max").write_text(f"{max(1000, int(cpus * period))} {period}")
+
+
+def _keyed_counter(path: Path, key: str) -> int:
+    """The value of ``key N`` in a flat-keyed cgroup file (0 when absent or unreadable)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _v2_enabled(base: Path) -> set[str]:
+    try:
+        return set((base / "cgroup.subtree_control").read_text().split())
+    except OSError:
+        return set()
 
 
 def _cgroup_mounts() -> list[tuple[str, str, str, set[str]]]:
@@ -249,6 +323,9 @@ def _v2_base(mounts: list[tuple[str, str, str, set[str]]], own: dict[str, str]) 
                 # Fails with EBUSY while processes (we) live in base: the
                 # "no internal processes" rule (reliability.md §2.4).
                 (base / "cgroup.subtree_control").write_text("+memory +pids")
+            if "cpu" in controllers and "cpu" not in enabled:
+                with contextlib.suppress(OSError):  # optional: a quota, not a safety bound
+                    (base / "cgroup.subtree_control").write_text("+cpu")
             return base
         except OSError:
             continue

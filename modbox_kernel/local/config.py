@@ -10,26 +10,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# The uid (and gid) sandboxes run as, outside and inside the jail, when the service
+# runs as root. Not 65534 (nobody): other daemons run as nobody, and anything of the
+# same uid on the host could signal or trace sandbox processes. Debian allocates
+# 60000-64999 only on demand, so 64000 is normally free; override it where it is not.
+DEFAULT_SANDBOX_UID = 64000
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-sandbox and per-request limits. Defaults follow reliability.md §8, loosened
-    where the notebook workloads we target (pip, pandas, matplotlib) need room."""
+    """Per-sandbox, per-request and per-host limits.
 
-    exec_timeout_default: float = 300.0
+    Defaults follow reliability.md §8 (classroom starting point), loosened where the
+    notebook workloads we target (pip, pandas, matplotlib) need room.
+    """
+
+    exec_timeout_default: float = 300.0  # wall time of one exec
     exec_timeout_max: float = 24 * 3600.0
     output_cap: int = 16 * MIB  # per stream, per exec
     exec_body_max: int = 16 * MIB
     json_body_max: int = 1 * MIB
     upload_max: int = 50 * 1000 * 1000  # "50 MB" as the Modbox docs say
-    tmp_size: int = 512 * MIB  # tmpfs /tmp and /dev/shm, each
-    memory: int = 2048 * MIB  # cgroup memory limit (where cgroups are writable)
-    address_space: int = 16 * 1024 * MIB  # RLIMIT_AS fallback when no cgroup is usable
-    nproc: int = 512  # cgroup pids.max, and RLIMIT_NPROC (void for uid 0)
-    nofile: int = 4096
-    fsize: int = 4096 * MIB
-    max_sandboxes: int = 64
+    upload_count_max: int = 10_000  # files in uploads/ before uploads are refused
+    download_max: int = 1 * GIB  # largest file the files API hands out
+    list_max: int = 10_000  # entries in one directory listing
+    tmp_size: int = 512 * MIB  # tmpfs /tmp and /dev/shm, each (RAM, counts as memory)
+    workspace_size: int = 1 * GIB  # tmpfs /workspace under bwrap (RAM, counts as memory)
+    memory: int = 2 * GIB  # cgroup memory limit (where cgroups are writable)
+    address_space: int = 16 * GIB  # RLIMIT_AS fallback when no memory cgroup is usable
+    cpus: float = 1.0  # cgroup CPU quota, in CPUs (where the cpu controller is writable)
+    cpu_time: int = 0  # RLIMIT_CPU seconds per process; 0 = off (the agent is long-lived)
+    nproc: int = 512  # cgroup pids.max and RLIMIT_NPROC (processes and threads)
+    nofile: int = 4096  # RLIMIT_NOFILE
+    fsize: int = 1 * GIB  # RLIMIT_FSIZE: largest file a sandbox process may write
+    max_sandboxes: int = 64  # live sandboxes at once (admission)
+    max_total_memory: int = 64 * 2 * GIB  # sum of live sandboxes' memory limits (admission)
     ttl_default: int = 3600
     ttl_min: int = 60
     ttl_max: int = 86400
@@ -47,3 +64,6 @@ class ServiceConfig:
     require_isolation: bool
     network: bool  # True shares the host network with sandboxes (off by default)
     limits: Limits = field(default_factory=Limits)
+    bwrap: str | None = None  # explicit bwrap executable (default: found on PATH)
+    sandbox_uid: int = DEFAULT_SANDBOX_UID  # used only when the service runs as root
+    sandbox_gid: int = DEFAULT_SANDBOX_UID

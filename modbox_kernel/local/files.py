@@ -5,16 +5,31 @@ function here blocks).
 
 Why so careful: the workspace is writable by sandbox code, which can replace any path
 component with a symlink to a host file and wait for the service to follow it (the
-Judge0 CVE-2024-28185 pattern, reliability.md §1.3). So paths are walked one
-component at a time from a directory fd with ``O_NOFOLLOW`` (a symlink anywhere fails
-with ``ELOOP``/``ENOTDIR``), ``..`` is refused outright, uploads are written to a fresh
-temporary name and renamed into place (never writing into an existing inode, which
-could be a hard link), and the final object's type is checked on the open fd.
+Judge0 CVE-2024-28185/28189 pattern, reliability.md §1.3). So:
+
+* every walk starts from the workspace's directory fd (handed over by the sandbox's
+  supervisor; under bwrap the workspace is a tmpfs that exists only in the jail) and
+  goes one component at a time with ``O_NOFOLLOW`` (a symlink anywhere fails with
+  ``ELOOP``/``ENOTDIR``); ``..`` is refused outright;
+* when the service runs as root and the sandbox does not, every operation runs with
+  the sandbox's uid/gid as the thread's filesystem ids (:func:`acting_as`): the service
+  then has exactly the sandbox's own rights on its files (no CAP_DAC_OVERRIDE), and new
+  files belong to the sandbox. (It is also required: a tmpfs workspace made by bwrap
+  belongs to the sandbox's user namespace, where uid 0 is unmapped, and creating a
+  file there as fsuid 0 fails with EOVERFLOW.);
+* uploads are written to a fresh temporary name and renamed into place (never writing
+  into an existing inode, which could be a hard link);
+* downloads check the final object on the open fd: a regular file, one link only (a
+  hard link to a file the sandbox could not read itself is not served), and no bigger
+  than the download limit;
+* listings and the upload directory are bounded in entries, uploads in size, and a
+  full workspace is a clear 409, not a 500.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
@@ -25,6 +40,9 @@ from datetime import datetime, timezone
 from typing import BinaryIO
 
 from .envelope import ServiceError, validation_error
+from .units import human_bytes
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 UPLOADS_DIR = "uploads"
 CHUNK = 1024 * 1024
@@ -33,21 +51,51 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 @dataclass(frozen=True)
 class Workspace:
-    """A workspace: its host directory and the path its sandbox sees it at."""
+    """A workspace: a directory fd of it, and the path its sandbox sees it at.
 
-    host_root: str
+    ``root_fd`` belongs to whoever built this (a route closes it after the request);
+    nothing here closes it. ``owner`` is the sandbox's uid/gid when the service runs as
+    root and the sandbox does not: operations then run under :func:`acting_as`.
+    """
+
+    root_fd: int
     visible_root: str  # "/workspace" under bwrap; the host path in none mode
+    owner: tuple[int, int] | None = None
 
     def visible(self, parts: list[str]) -> str:
         return "/".join([self.visible_root.rstrip("/"), *parts]) if parts else self.visible_root
 
 
-def split_path(ws: Workspace, path: str | None, field: str = "query.path") -> list[str]:
+@contextlib.contextmanager
+def acting_as(owner: tuple[int, int] | None) -> Iterator[None]:
+    """Use ``owner`` as this thread's filesystem uid/gid for the duration.
+
+    setfsuid/setfsgid change only the calling thread (glibc does not broadcast them to
+    other threads, unlike setuid), so a worker thread can act as the sandbox while the
+    rest of the service stays root. Leaving fsuid 0 also drops the file capabilities
+    from the thread's effective set; going back restores them.
+    """
+    if owner is None:
+        yield
+        return
+    uid, gid = owner
+    old_gid = _libc.setfsgid(gid)
+    old_uid = _libc.setfsuid(uid)
+    try:
+        if _libc.setfsuid(-1) != uid or _libc.setfsgid(-1) != gid:
+            raise ServiceError(500, "internal_error", "Could not act as the sandbox's user.")
+        yield
+    finally:
+        _libc.setfsuid(old_uid)
+        _libc.setfsgid(old_gid)
+
+
+def split_path(visible_root: str, path: str | None, field: str = "query.path") -> list[str]:
     """Turn a caller's path (relative, or absolute under the workspace) into components."""
     raw = path or ""
     if "\0" in raw:
         raise validation_error(field, "contains a NUL byte")
-    root = ws.visible_root.rstrip("/")
+    root = visible_root.rstrip("/")
     if raw.startswith("/"):
         if raw != root and not raw.startswith(root + "/"):
             raise _outside(raw)
@@ -74,7 +122,7 @@ def _not_found(ws: Workspace, parts: list[str]) -> ServiceError:
 @contextlib.contextmanager
 def _walk(ws: Workspace, parts: list[str]) -> Iterator[int]:
     """Yield an fd of the directory ``parts`` (never through a symlink)."""
-    fd = os.open(ws.host_root, _DIR_FLAGS)
+    fd = os.open(".", _DIR_FLAGS, dir_fd=ws.root_fd)
     try:
         for i, name in enumerate(parts):
             try:
@@ -114,11 +162,16 @@ def _kind(mode: int) -> str:
     return "other"
 
 
-def list_dir(ws: Workspace, parts: list[str]) -> dict[str, object]:
-    """Entries of a directory (lstat: links are listed as links, never followed)."""
+def list_dir(ws: Workspace, parts: list[str], limit: int) -> dict[str, object]:
+    """Entries of a directory (lstat: links are listed as links, never followed).
+
+    At most ``limit`` entries (``truncated`` says whether there were more): a sandbox
+    can create millions of files, and the answer must stay small.
+    """
     with _walk(ws, parts) as fd:
+        names, truncated = _bounded_names(fd, limit)
         entries = []
-        for name in sorted(os.listdir(fd)):
+        for name in sorted(names):
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -132,10 +185,30 @@ def list_dir(ws: Workspace, parts: list[str]) -> dict[str, object]:
                     "modified": _iso(st.st_mtime),
                 }
             )
-    return {"path": ws.visible(parts), "entries": entries, "total": len(entries)}
+    return {
+        "path": ws.visible(parts),
+        "entries": entries,
+        "total": len(entries),
+        "truncated": truncated,
+    }
 
 
-def open_file(ws: Workspace, parts: list[str]) -> tuple[int, int]:
+def _bounded_names(dir_fd: int, limit: int) -> tuple[list[str], bool]:
+    # A fresh open of the directory: scandir must not move the offset of ``dir_fd``.
+    fd = os.open(".", _DIR_FLAGS, dir_fd=dir_fd)
+    names: list[str] = []
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                if len(names) >= limit:
+                    return names, True
+                names.append(entry.name)
+    finally:
+        os.close(fd)
+    return names, False
+
+
+def open_file(ws: Workspace, parts: list[str], limit: int) -> tuple[int, int]:
     """Open a regular file for reading; returns (fd, size). The caller closes the fd."""
     if not parts:
         raise validation_error("query.path", "names a directory, not a file")
@@ -154,9 +227,19 @@ def open_file(ws: Workspace, parts: list[str]) -> tuple[int, int]:
                 ) from None
             raise
     st = os.fstat(fd)
+    refusal = None
     if not stat.S_ISREG(st.st_mode):
+        refusal = f"{ws.visible(parts)} is not a regular file."
+    elif st.st_nlink > 1:
+        refusal = f"{ws.visible(parts)} has {st.st_nlink} hard links; it is not served."
+    elif st.st_size > limit:
+        refusal = (
+            f"{ws.visible(parts)} is {human_bytes(st.st_size)}, more than the download "
+            f"limit of {human_bytes(limit)}."
+        )
+    if refusal is not None:
         os.close(fd)
-        raise ServiceError(409, "conflict", f"{ws.visible(parts)} is not a regular file.")
+        raise ServiceError(409, "conflict", refusal)
     os.set_blocking(fd, True)
     return fd, st.st_size
 
@@ -178,12 +261,22 @@ def upload_name(filename: str | None) -> str:
     return name
 
 
-def store_upload(ws: Workspace, name: str, source: BinaryIO, limit: int) -> dict[str, object]:
+def store_upload(
+    ws: Workspace, name: str, source: BinaryIO, limit: int, count_limit: int
+) -> dict[str, object]:
     """Copy ``source`` to ``uploads/<name>`` atomically; returns the upload answer."""
     with _walk(ws, []) as root_fd:
         with contextlib.suppress(FileExistsError):
             os.mkdir(UPLOADS_DIR, 0o755, dir_fd=root_fd)
     with _walk(ws, [UPLOADS_DIR]) as dir_fd:
+        names, more = _bounded_names(dir_fd, count_limit)
+        if more or (len(names) >= count_limit and name not in names):
+            raise ServiceError(
+                409,
+                "conflict",
+                f"{ws.visible([UPLOADS_DIR])} already holds {count_limit} files, the limit.",
+                hint="Delete uploads you no longer need.",
+            )
         tmp = f".modbox-upload-{secrets.token_hex(8)}"
         fd = os.open(
             tmp,
@@ -206,6 +299,14 @@ def store_upload(ws: Workspace, name: str, source: BinaryIO, limit: int) -> dict
             if isinstance(exc, IsADirectoryError | NotADirectoryError):
                 raise ServiceError(
                     409, "conflict", f"{ws.visible([UPLOADS_DIR, name])} is a directory."
+                ) from None
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ServiceError(
+                    409,
+                    "conflict",
+                    "The sandbox's workspace is full (its size is capped); the upload "
+                    "was not stored.",
+                    hint="Delete files in the workspace, or ask for a larger workspace.",
                 ) from None
             raise
     return {

@@ -1,28 +1,37 @@
 """Choosing the isolation mode at startup: bwrap if a real probe jail works, else none.
 
-Who calls it: ``__main__``, once, before the server starts (blocking calls are fine
-there). :func:`choose_jail` returns the :class:`~.jail.Jail` every sandbox will use, or
-raises :class:`StartupError` with a sentence when the requested isolation cannot be had.
+Who calls it: ``__main__`` (and ``check``), once, before the server starts (blocking
+calls are fine there). :func:`choose_jail` returns the :class:`~.jail.Jail` every
+sandbox will use, or raises :class:`StartupError` with a sentence when the requested
+isolation cannot be had.
 
 Why a full probe: ``bwrap --version`` working says nothing about user namespaces,
 ``/proc`` mounting in containers, or the Python binds (reliability.md §2.7), so the
-probe starts the exact jail shape a sandbox gets and waits for the supervisor's hello.
-In ``auto`` mode a failed probe falls back to ``none`` with a loud warning; with
-``MODBOX_REQUIRE_ISOLATION=1`` (or ``--isolation bwrap``) it is a startup error instead
-— never a silent downgrade.
+probe starts the exact jail shape a sandbox gets (launcher, privilege drop, seccomp)
+and waits for the supervisor's hello. In ``auto`` mode a failed probe falls back to
+``none`` with a loud warning; with ``MODBOX_REQUIRE_ISOLATION=1`` (or ``--isolation
+bwrap``) it is a startup error instead — never a silent downgrade.
+
+As root, the preferred jail drops to the unprivileged sandbox uid before bwrap
+(``launcher``). If that jail cannot start here (e.g. unprivileged user namespaces are
+disabled) but bwrap as root can, the service uses the latter and says loudly that
+sandboxes run as uid 0 outside (all capabilities still dropped).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import struct
 import subprocess
 import tempfile
 from pathlib import Path
 
-from .config import Limits
+from . import seccomp
+from .config import Limits, ServiceConfig
 from .jail import OPTIONAL_BWRAP_FLAGS, REQUIRED_BWRAP_FLAGS, BwrapJail, Jail, JailSpec
+from .launcher import Privilege
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +42,15 @@ class StartupError(Exception):
     """The service cannot start as configured; ``str()`` says why and what to change."""
 
 
-def choose_jail(requested: str, require: bool, limits: Limits, state_dir: Path) -> Jail:
+def choose_jail(config: ServiceConfig) -> Jail:
     prlimit = shutil.which("prlimit")
     if prlimit is None:
         raise StartupError(
             "prlimit (util-linux) was not found on PATH; it sets the sandboxes' resource "
             "limits. Install util-linux."
         )
-    if requested == "none":
+    require = config.require_isolation
+    if config.isolation == "none":
         if require:
             raise StartupError(
                 "MODBOX_REQUIRE_ISOLATION=1 is set but --isolation none was requested; "
@@ -49,11 +59,9 @@ def choose_jail(requested: str, require: bool, limits: Limits, state_dir: Path) 
         log.warning("ISOLATION DISABLED (--isolation none): sandboxes run as plain host processes")
         return Jail(mode="none", prlimit=prlimit)
     try:
-        jail = _bwrap_jail(prlimit)
-        _probe(jail, limits, state_dir)
-        return jail
+        return _working_bwrap_jail(config, prlimit)
     except StartupError as exc:
-        if requested == "bwrap" or require:
+        if config.isolation == "bwrap" or require:
             why = (
                 "MODBOX_REQUIRE_ISOLATION=1 is set"
                 if require
@@ -71,23 +79,85 @@ def choose_jail(requested: str, require: bool, limits: Limits, state_dir: Path) 
         return Jail(mode="none", prlimit=prlimit)
 
 
-def _bwrap_jail(prlimit: str) -> BwrapJail:
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
+def _working_bwrap_jail(config: ServiceConfig, prlimit: str) -> BwrapJail:
+    bwrap = _find_bwrap(config.bwrap)
+    optional = _bwrap_flags(bwrap)
+    program = seccomp.filter_program()
+    candidates = [Privilege()]
+    if os.geteuid() == 0:
+        candidates.insert(0, _dropped_privilege(config))
+    failures = []
+    for privilege in candidates:
+        jail = BwrapJail(
+            prlimit=prlimit,
+            privilege=privilege,
+            bwrap=bwrap,
+            optional_flags=optional,
+            seccomp_program=program,
+        )
+        try:
+            _probe(jail, config.limits, config.state_dir)
+        except StartupError as exc:
+            failures.append(str(exc))
+            continue
+        if failures:
+            log.warning(
+                "!!! DEGRADED ISOLATION: the jail with an unprivileged sandbox uid failed (%s); "
+                "sandboxes run as uid 0 outside their namespaces (all capabilities dropped, "
+                "RLIMIT_NPROC void). !!!",
+                failures[0],
+            )
+        return jail
+    raise StartupError("; ".join(failures))
+
+
+def _find_bwrap(explicit: str | None) -> str:
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise StartupError(f"the bwrap executable {explicit!r} does not exist or cannot run")
+        return explicit
+    found = shutil.which("bwrap")
+    if found is None:
         raise StartupError("the bwrap executable was not found on PATH (install bubblewrap)")
+    return found
+
+
+def _bwrap_flags(bwrap: str) -> frozenset[str]:
     try:
         help_text = subprocess.run(
             [bwrap, "--help"], capture_output=True, text=True, timeout=10
         ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise StartupError(f"'bwrap --help' failed: {exc}") from None
+        raise StartupError(f"'{bwrap} --help' failed: {exc}") from None
     missing = [f for f in REQUIRED_BWRAP_FLAGS if f not in help_text]
     if missing:
-        raise StartupError(f"this bwrap lacks {', '.join(missing)} (bubblewrap >= 0.8 needed)")
+        raise StartupError(
+            f"{bwrap} is not a usable bubblewrap: it lacks {', '.join(missing)} "
+            "(bubblewrap >= 0.8 needed)"
+        )
     optional = frozenset(f for f in OPTIONAL_BWRAP_FLAGS if f in help_text)
     for flag in set(OPTIONAL_BWRAP_FLAGS) - optional:
         log.warning("bwrap lacks %s; nested user namespaces stay possible in sandboxes", flag)
-    return BwrapJail(prlimit=prlimit, bwrap=bwrap, optional_flags=optional)
+    return optional
+
+
+def _dropped_privilege(config: ServiceConfig) -> Privilege:
+    """The root case: setpriv to the sandbox uid, with a stage dir the uid can reach."""
+    setpriv, unshare = shutil.which("setpriv"), shutil.which("unshare")
+    if setpriv is None or unshare is None:
+        # Still a candidate: its probe fails with this sentence and the root jail is used.
+        return Privilege(drop=(config.sandbox_uid, config.sandbox_gid), setpriv="setpriv-missing")
+    stage = config.state_dir / "stage"
+    stage.mkdir(mode=0o755, exist_ok=True)
+    # The dropped uid must traverse the state dir to reach the stage mount point (and
+    # nothing more: workspaces are tmpfs inside the jails, none live here under bwrap).
+    config.state_dir.chmod(0o711)
+    return Privilege(
+        drop=(config.sandbox_uid, config.sandbox_gid),
+        setpriv=setpriv,
+        unshare=unshare,
+        stage_dir=stage,
+    )
 
 
 def _probe(jail: BwrapJail, limits: Limits, state_dir: Path) -> None:
@@ -95,17 +165,21 @@ def _probe(jail: BwrapJail, limits: Limits, state_dir: Path) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="probe-", dir=state_dir) as workspace:
         spec = JailSpec("probe", Path(workspace), limits)
+        launch = jail.launch(spec)
         try:
             done = subprocess.run(
-                jail.argv(spec),
-                env=jail.env(spec),
+                launch.argv,
+                env=launch.env,
                 cwd=workspace,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=PROBE_TIMEOUT_S,
+                pass_fds=launch.pass_fds,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise StartupError(f"the probe sandbox could not run: {exc}") from None
+        finally:
+            launch.close()
     out = done.stdout
     if len(out) >= 4:
         (length,) = struct.unpack(">I", out[:4])

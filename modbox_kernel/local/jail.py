@@ -1,28 +1,33 @@
-"""The command line that starts one sandbox: bwrap (or nothing), prlimit, supervisor.
+"""The command line that starts one sandbox: launcher, bwrap (or nothing), prlimit, supervisor.
 
-Who calls what: ``isolation.resolve_isolation`` picks a :class:`Jail` at startup (and
-probes it); ``registry`` calls :meth:`Jail.argv` / :meth:`Jail.env` for every new
-sandbox and hands the result to ``sandbox.JailProcess``. Nothing here starts a
-process, so the argv can be unit-inspected.
+Who calls what: ``isolation.choose_jail`` picks a :class:`Jail` at startup (and probes
+it); ``registry`` calls :meth:`Jail.launch` for every new sandbox and hands the
+resulting :class:`Launch` to ``jailprocess.JailProcess``. Nothing here starts a process,
+so the argv can be inspected in tests.
 
 The bwrap shape follows reliability.md §2.2: every namespace (user, pid, net, ipc,
-uts, cgroup), no nested user namespaces, all capabilities dropped, a cleared
-environment, a read-only system (``/usr`` plus the merged-usr symlinks and a few /etc
-files) and a read-only copy of *the service's own Python* at the same paths, so that
-``python3`` in the jail is this interpreter with whatever is installed beside it.
-Writable: ``/workspace`` (cwd and HOME) and size-capped tmpfs ``/tmp`` and
-``/dev/shm``. Resource limits come from ``prlimit`` inside the jail (per-sandbox
-counting, §2.3) and, where writable, a cgroup the launcher joins before exec'ing bwrap.
+uts, cgroup), no nested user namespaces, all capabilities dropped, a seccomp deny-list
+(``seccomp``), a cleared environment, a read-only system (``/usr`` plus the merged-usr
+symlinks and a few /etc files) and a read-only copy of *the service's own Python* at
+the same paths, so that ``python3`` in the jail is this interpreter with whatever is
+installed beside it. Writable, each a size-capped tmpfs private to the sandbox (RAM
+that counts toward its memory cgroup): ``/workspace`` (cwd and HOME; its size is the
+workspace quota), ``/tmp`` and ``/dev/shm``. Resource limits come from ``prlimit``
+inside the jail (per-sandbox counting, §2.3) and the cgroups the launcher joins;
+privileges are dropped by the launcher (``launcher``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import launcher, seccomp
 from .config import Limits
 
 SUPERVISOR_SOURCE = Path(__file__).with_name("supervisor.py")
@@ -60,26 +65,43 @@ ETC_FILES = (
     "fonts",
 )
 
-# The launcher moves itself into the sandbox's cgroups, then exec's bwrap in place:
-# the pid stays the one our event-loop thread forked, so bwrap's --die-with-parent
-# still watches the service (a forking wrapper would break that, §2.6). Its argv holds
-# only paths the service generated, never anything a caller sent.
-_CGROUP_LAUNCHER = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; '
-    'n=$((n - 1)); done; exec "$@"'
-)
-
 
 @dataclass(frozen=True)
 class JailSpec:
     """What varies between sandboxes."""
 
     sandbox_id: str
-    workspace: Path  # host directory that becomes the sandbox's workspace
+    workspace: Path  # host directory of the workspace (``none`` mode only)
     limits: Limits
     network: bool = False
     cgroup_procs: tuple[Path, ...] = ()  # cgroup.procs files to join before bwrap runs
     address_space: int | None = None  # RLIMIT_AS, only when no memory cgroup is used
+
+
+@dataclass
+class Launch:
+    """One sandbox start: argv, env and the fds the child inherits.
+
+    ``channel`` is our end of a socketpair; the supervisor sends its workspace
+    directory fd over it before saying hello (see ``jailprocess``). Call
+    :meth:`close_child_fds` once the child is spawned (or failed to spawn).
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    pass_fds: tuple[int, ...]
+    channel: socket.socket
+    child_fds: list[int] = field(default_factory=list)
+
+    def close_child_fds(self) -> None:
+        for fd in self.child_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.child_fds = []
+
+    def close(self) -> None:
+        self.close_child_fds()
+        self.channel.close()
 
 
 @dataclass(frozen=True)
@@ -88,34 +110,61 @@ class Jail:
 
     mode: str = "none"
     prlimit: str = field(default_factory=lambda: shutil.which("prlimit") or "/usr/bin/prlimit")
+    privilege: launcher.Privilege = field(default_factory=launcher.Privilege)
 
     def workspace_path(self, spec: JailSpec) -> str:
         """The workspace path as commands inside the sandbox see it."""
         return str(spec.workspace)
 
     def env(self, spec: JailSpec) -> dict[str, str]:
-        """The environment of the supervisor (the creator's env_vars come later, by frame)."""
+        """The environment of the supervisor (the creator's env_vars come later, by frame).
+
+        ``pip install`` goes to ``$HOME/.local`` (``PIP_PREFIX``), which ``PYTHONPATH``
+        and ``PATH`` name: the sandbox's Python is a read-only venv whose user site is
+        disabled, and a prefix install (unlike ``--target``) still sees the packages
+        already installed beside the interpreter.
+        """
         home = self.workspace_path(spec)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        local = f"{home}/.local"
         return {
-            "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+            "PATH": f"{local}/bin:{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
             "HOME": home,
             "LANG": "C.UTF-8",
             "OPENBLAS_NUM_THREADS": "1",
             "OMP_NUM_THREADS": "1",
+            "PIP_PREFIX": local,
+            "PYTHONPATH": f"{local}/lib/{version}/site-packages",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
             "MODBOX_SANDBOX_ID": spec.sandbox_id,
             "MODBOX_WORKSPACE": home,  # read and removed by the supervisor
         }
 
-    def argv(self, spec: JailSpec) -> list[str]:
-        return self._launcher(spec) + self._inner(spec, SUPERVISOR_SOURCE.as_posix())
+    def launch(self, spec: JailSpec) -> Launch:
+        """Create the per-start fds and the command line that uses them."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds = [theirs.detach()]
+        try:
+            seccomp_fd = self._seccomp_fd()
+            if seccomp_fd is not None:
+                child_fds.append(seccomp_fd)
+            argv = self.argv(spec, channel_fd=child_fds[0], seccomp_fd=seccomp_fd)
+        except BaseException:
+            for fd in child_fds:
+                os.close(fd)
+            ours.close()
+            raise
+        return Launch(argv, self.env(spec), tuple(child_fds), ours, child_fds)
 
-    def _launcher(self, spec: JailSpec) -> list[str]:
-        if not spec.cgroup_procs:
-            return []
-        files = [str(p) for p in spec.cgroup_procs]
-        return ["/bin/sh", "-c", _CGROUP_LAUNCHER, "modbox-launch", str(len(files)), *files]
+    def _seccomp_fd(self) -> int | None:
+        return None
 
-    def _inner(self, spec: JailSpec, supervisor: str) -> list[str]:
+    def argv(self, spec: JailSpec, channel_fd: int, seccomp_fd: int | None = None) -> list[str]:
+        return launcher.prefix(self.privilege, spec.cgroup_procs, []) + self._inner(
+            spec, SUPERVISOR_SOURCE.as_posix(), channel_fd
+        )
+
+    def _inner(self, spec: JailSpec, supervisor: str, channel_fd: int) -> list[str]:
         lim = spec.limits
         rlimits = [
             f"--nproc={lim.nproc}:{lim.nproc}",
@@ -123,36 +172,57 @@ class Jail:
             f"--fsize={lim.fsize}:{lim.fsize}",
             "--core=0:0",
         ]
+        if lim.cpu_time > 0:
+            # hard = soft + 1: SIGXCPU first (catchable, a readable death), SIGKILL after.
+            rlimits.append(f"--cpu={lim.cpu_time}:{lim.cpu_time + 1}")
         if spec.address_space:
             rlimits.append(f"--as={spec.address_space}:{spec.address_space}")
         # -I: ignore PYTHON* variables and user site; -S: no site import, the supervisor
         # is stdlib-only and starts faster without it.
-        return [self.prlimit, *rlimits, "--", _python(), "-I", "-S", supervisor]
+        return [
+            self.prlimit,
+            *rlimits,
+            "--",
+            _python(),
+            "-I",
+            "-S",
+            supervisor,
+            "--channel-fd",
+            str(channel_fd),
+        ]
 
 
 @dataclass(frozen=True)
 class BwrapJail(Jail):
-    """The bubblewrap jail. ``flags`` are the optional flags this bwrap supports."""
+    """The bubblewrap jail. ``optional_flags`` are the optional flags this bwrap has."""
 
     mode: str = "bwrap"
     bwrap: str = "bwrap"
     optional_flags: frozenset[str] = frozenset(OPTIONAL_BWRAP_FLAGS)
+    seccomp_program: bytes | None = None
 
     def workspace_path(self, spec: JailSpec) -> str:
         return JAIL_WORKSPACE
 
-    def argv(self, spec: JailSpec) -> list[str]:
+    def _seccomp_fd(self) -> int | None:
+        if self.seccomp_program is None:
+            return None
+        return seccomp.program_fd(self.seccomp_program)
+
+    def argv(self, spec: JailSpec, channel_fd: int, seccomp_fd: int | None = None) -> list[str]:
+        ro_sources = [*python_dirs(), str(SUPERVISOR_SOURCE)]
         return [
-            *self._launcher(spec),
+            *launcher.prefix(self.privilege, spec.cgroup_procs, ro_sources),
             self.bwrap,
             *self._namespace_flags(spec),
-            *self._mounts(spec),
+            *self._mounts(spec, ro_sources),
+            *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--clearenv",
             *[arg for k, v in self.env(spec).items() for arg in ("--setenv", k, v)],
             "--chdir",
             JAIL_WORKSPACE,
             "--",
-            *self._inner(spec, JAIL_SUPERVISOR),
+            *self._inner(spec, JAIL_SUPERVISOR, channel_fd),
         ]
 
     def _namespace_flags(self, spec: JailSpec) -> list[str]:
@@ -165,8 +235,8 @@ class BwrapJail(Jail):
         flags += ["--hostname", JAIL_HOSTNAME]
         return flags
 
-    def _mounts(self, spec: JailSpec) -> list[str]:
-        tmp = str(spec.limits.tmp_size)
+    def _mounts(self, spec: JailSpec, ro_sources: list[str]) -> list[str]:
+        lim = spec.limits
         args = ["--ro-bind", "/usr", "/usr"]
         args += _root_links()
         for name in ETC_FILES:
@@ -174,11 +244,21 @@ class BwrapJail(Jail):
         if spec.network:
             args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
         args += ["--proc", "/proc", "--dev", "/dev"]
+        tmp = str(lim.tmp_size)
         args += ["--size", tmp, "--tmpfs", "/tmp", "--size", tmp, "--tmpfs", "/dev/shm"]
         args += ["--dir", "/var", "--symlink", "../tmp", "/var/tmp"]
-        args += python_binds()
-        args += ["--ro-bind", str(SUPERVISOR_SOURCE), JAIL_SUPERVISOR]
-        args += ["--bind", str(spec.workspace), JAIL_WORKSPACE]
+        for index, source in enumerate(ro_sources[:-1]):
+            where = launcher.staged_path(self.privilege, index, source)
+            args += ["--ro-bind", where, source]
+        for link, target in python_links():
+            args += ["--symlink", target, link]
+        index = len(ro_sources) - 1
+        supervisor = launcher.staged_path(self.privilege, index, ro_sources[-1])
+        args += ["--ro-bind", supervisor, JAIL_SUPERVISOR]
+        # The workspace is a tmpfs of its own: its size is the workspace quota, its
+        # pages count toward the sandbox's memory cgroup, and it dies with the jail.
+        args += ["--size", str(lim.workspace_size), "--tmpfs", JAIL_WORKSPACE]
+        args += ["--dir", f"{JAIL_WORKSPACE}/uploads"]
         # Last: the jail's root is a tmpfs bwrap built; without this, /etc, /opt and /
         # itself would be writable (privately, but "read-only system" means read-only).
         args += ["--remount-ro", "/"]
@@ -202,27 +282,30 @@ def _root_links() -> list[str]:
     return args
 
 
-def python_binds() -> list[str]:
-    """Read-only binds that make this interpreter and its packages work in the jail.
+def python_dirs() -> list[str]:
+    """Directories that make this interpreter and its packages work in the jail.
 
     ``sys.prefix`` (a venv) and ``sys.base_prefix`` (the installation it was made from)
-    are bound at their real paths; a symlinked spelling gets a symlink. Paths already
-    under /usr are covered by the /usr bind. The host's /root is mode 700, but binding
-    subpaths works because bwrap runs with the service's privileges.
+    are bound read-only at their real paths. Paths under /usr are covered by the /usr
+    bind, and nested ones by their parent.
     """
-    args: list[str] = []
-    seen: set[str] = set()
+    dirs: list[str] = []
     for given in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable)):
         real = os.path.realpath(given)
-        if real == "/usr" or real.startswith("/usr/") or any(_under(real, s) for s in seen):
+        if real == "/usr" or real.startswith("/usr/") or any(_under(real, d) for d in dirs):
             continue
-        seen.add(real)
-        args += ["--ro-bind", real, real]
+        dirs = [d for d in dirs if not _under(d, real)] + [real]
+    return dirs
+
+
+def python_links() -> list[tuple[str, str]]:
+    """(link, target) for prefixes spelled through a symlink on the host."""
+    links = []
     for given in (sys.prefix, sys.base_prefix):
         real = os.path.realpath(given)
         if given != real and not given.startswith("/usr/"):
-            args += ["--symlink", real, given]
-    return args
+            links.append((given, real))
+    return links
 
 
 def _under(path: str, parent: str) -> bool:

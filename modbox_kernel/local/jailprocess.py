@@ -1,11 +1,17 @@
 """One running jail and the framed channel to the supervisor inside it.
 
-Who calls what: ``registry`` creates a :class:`JailProcess` per sandbox, awaits
-:meth:`start` (which returns once the supervisor said hello), sends commands with
-:meth:`request` and ends it with :meth:`kill`. The protocol is described in
-``supervisor.py``. :meth:`start` must run on the event-loop thread: bwrap's
-``--die-with-parent`` (PR_SET_PDEATHSIG) fires when the *thread* that forked it ends,
-and the loop thread lives as long as the service.
+Who calls what: ``registry`` creates a :class:`JailProcess` per sandbox from a
+``jail.Launch``, awaits :meth:`start` (which returns once the supervisor said hello),
+sends commands with :meth:`request`, borrows the workspace with :meth:`workspace_fd`
+and ends it with :meth:`kill`. The protocol is described in ``supervisor.py``.
+:meth:`start` must run on the event-loop thread: bwrap's ``--die-with-parent``
+(PR_SET_PDEATHSIG) fires when the *thread* that forked it ends, and the loop thread
+lives as long as the service.
+
+The workspace handle: before its hello, the supervisor sends an fd of its workspace
+directory over a socketpair (SCM_RIGHTS). Under bwrap the workspace is a tmpfs that
+exists only inside the jail's mount namespace, so that fd is how the files API reaches
+it — without a path the sandbox could redirect and without a pid that could be reused.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
+
+from .jail import Launch
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +46,15 @@ class JailProcess:
     def __init__(
         self,
         sandbox_id: str,
-        argv: list[str],
-        env: dict[str, str],
+        launch: Launch,
         cwd: str,
         on_exit: Callable[[JailProcess], None] | None = None,
     ) -> None:
         self.sandbox_id = sandbox_id
-        self._argv = argv
-        self._env = env
+        self._launch = launch
         self._cwd = cwd
         self._on_exit = on_exit
+        self._workspace_fd = -1
         self._proc: asyncio.subprocess.Process | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -70,18 +78,23 @@ class JailProcess:
         self._hello = loop.create_future()
         # Mark a failed hello as seen even when nobody awaits it any more (timed out).
         self._hello.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env,
-            cwd=self._cwd,
-            # Own session: terminal signals aimed at the service do not reach the jail,
-            # and in none mode its process group is what destroy kills.
-            start_new_session=True,
-            limit=1024 * 1024,
-        )
+        launch = self._launch
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *launch.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=launch.env,
+                cwd=self._cwd,
+                pass_fds=launch.pass_fds,
+                # Own session: terminal signals aimed at the service do not reach the
+                # jail, and in none mode its process group is what destroy kills.
+                start_new_session=True,
+                limit=1024 * 1024,
+            )
+        finally:
+            launch.close_child_fds()
         self._tasks = [
             asyncio.create_task(self._read_frames(), name=f"jail-{self.sandbox_id}-out"),
             asyncio.create_task(self._read_stderr(), name=f"jail-{self.sandbox_id}-err"),
@@ -90,6 +103,21 @@ class JailProcess:
             await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
             raise JailGone(f"the sandbox did not start within {timeout:g} s") from None
+        self._workspace_fd = _receive_fd(launch.channel)
+        launch.channel.close()
+        if self._workspace_fd < 0:
+            raise JailGone("the sandbox did not hand over its workspace")
+
+    def workspace_fd(self) -> int:
+        """A new fd of the workspace directory; the caller closes it.
+
+        A duplicate, so a file operation running in a worker thread keeps its own
+        handle even if the sandbox is destroyed meanwhile (the number can never be
+        reused under it for another sandbox's workspace).
+        """
+        if self._workspace_fd < 0 or not self.alive:
+            raise JailGone(self.describe_exit())
+        return os.dup(self._workspace_fd)
 
     async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request frame and wait for the answer with the same id."""
@@ -115,6 +143,7 @@ class JailProcess:
         """SIGKILL the jail (bwrap takes its pid namespace with it) and reap it."""
         proc = self._proc
         if proc is None:
+            self.release()
             return
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -131,17 +160,32 @@ class JailProcess:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._finish(proc.returncode)
+        self.release()
+
+    def release(self) -> None:
+        """Close our handles (the workspace fd keeps a tmpfs workspace in memory)."""
+        if self._workspace_fd >= 0:
+            os.close(self._workspace_fd)
+            self._workspace_fd = -1
+        self._launch.close()
 
     def describe_exit(self) -> str:
         if self.exit_code is None:
             return "the sandbox is not running"
-        how = (
-            f"was killed by signal {-self.exit_code}"
-            if self.exit_code < 0
-            else f"exited with code {self.exit_code}"
-        )
+        code = self.exit_code
+        # bwrap exits 128+n when the process it runs (our supervisor) dies of signal n.
+        signum = -code if code < 0 else code - 128 if 128 < code < 160 else None
+        if signum == signal.SIGKILL:
+            # Not us (destroy sets its own reason first) and not the OOM killer (the
+            # registry checks that): something inside, e.g. os.kill(-1, 9).
+            return (
+                "every process in the sandbox was killed with SIGKILL (signal 9), "
+                "e.g. by os.kill(-1, 9) or kill -9 -1 inside it"
+            )
+        if signum is not None:
+            return f"the sandbox's supervisor was killed by signal {signum}"
         tail = f": {self.last_stderr[-1]}" if self.last_stderr else ""
-        return f"the sandbox's process {how}{tail}"
+        return f"the sandbox's process exited with code {code}{tail}"
 
     # -- internals -------------------------------------------------------------
 
@@ -203,3 +247,13 @@ class JailProcess:
                 future.set_exception(gone)
         if self._on_exit is not None:
             self._on_exit(self)
+
+
+def _receive_fd(channel: socket.socket) -> int:
+    """The fd the supervisor sent before its hello (so it is already queued), or -1."""
+    channel.setblocking(False)
+    try:
+        _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+    except OSError:
+        return -1
+    return fds[0] if fds else -1

@@ -8,8 +8,24 @@ lifespan starts the reaper (:meth:`Registry.run_reaper`) and calls
 
 Lifecycle: ``provisioning`` (record exists, jail starting in a background task) →
 ``running`` (the supervisor said hello) → ``destroyed`` (by DELETE, TTL expiry, jail
-death, or service shutdown). Destroyed records stay listed; their processes, cgroup and
-workspace are gone.
+death, an out-of-memory kill, or service shutdown). Destroyed records stay listed with
+the cause in ``error``; their processes, cgroup and workspace are gone.
+
+Limit events and their causes:
+
+* **Out of memory**: any OOM kill in a sandbox's memory cgroup ends the whole sandbox
+  (what cgroup v2's ``memory.oom.group=1`` does, applied on v1 too): a half-dead
+  sandbox whose Python process vanished helps nobody, and a clear end does. It is seen
+  by the exec that was running (its answer becomes the 404 below), by the jail's exit,
+  or by the reaper within 0.5 s. ``error`` is then "out of memory (limit 2 GiB)", and
+  every later runtime call gets 404 ``sandbox_not_found`` with the message "Sandbox
+  <id> was destroyed: out of memory (limit 2 GiB)."
+* **Time limit**: the exec answer has ``timedOut: true`` and ``limitReached:
+  "time_limit"`` (the supervisor killed the command's process group).
+* **Process limit**: when forks failed at ``pids.max`` during an exec, its answer has
+  ``limitReached: "process_limit"`` and stderr ends with a ``modbox:`` sentence.
+* **Killed from inside** (``os.kill(-1, 9)``): the supervisor dies with everything
+  else; ``error`` says so (``jailprocess.JailProcess.describe_exit``).
 """
 
 from __future__ import annotations
@@ -26,12 +42,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from .admission import admit
 from .cgroups import CgroupManager, SandboxCgroup
-from .config import ServiceConfig
+from .config import Limits, ServiceConfig
 from .envelope import ServiceError
 from .jail import Jail, JailSpec
 from .jailprocess import JailGone, JailProcess
 from .procscan import kill_sandbox_processes
+from .units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +59,8 @@ KEEP_DESTROYED = 1000
 # Extra time the service waits beyond an exec's own limit before it gives up on the
 # supervisor (which enforces the limit itself and normally answers first).
 EXEC_BACKSTOP_S = 30.0
+# How often the reaper looks for expired TTLs and OOM kills nobody has noticed yet.
+REAPER_INTERVAL_S = 0.5
 
 PROVISIONING, RUNNING, DESTROYED = "provisioning", "running", "destroyed"
 STATUSES = (PROVISIONING, RUNNING, DESTROYED)
@@ -160,20 +180,15 @@ class Registry:
                 hint="Choose another task_id, or destroy the existing sandbox first.",
                 retryable=False,
             )
-        if self.live_count() >= self.config.limits.max_sandboxes:
-            raise ServiceError(
-                429,
-                "rate_limited",
-                f"This service already runs {self.config.limits.max_sandboxes} sandboxes.",
-                hint="Destroy a sandbox you no longer need.",
-                retryable=True,
-            )
+        admit(self.live_count(), self.config.limits)
         self._prune()
         sandbox_id = str(uuid.uuid4())
         root = self.config.state_dir / "sandboxes" / sandbox_id
         workspace = root / "workspace"
-        workspace.mkdir(parents=True, mode=0o700)
-        (workspace / "uploads").mkdir()
+        if self.jail.mode == "none":
+            # Under bwrap the workspace is a tmpfs inside the jail; nothing on the host.
+            workspace.mkdir(parents=True, mode=0o700)
+            (workspace / "uploads").mkdir()
         now = utcnow()
         spec = JailSpec(sandbox_id, workspace, self.config.limits)
         sandbox = Sandbox(
@@ -222,9 +237,9 @@ class Registry:
             )
             jail = JailProcess(
                 sandbox.id,
-                self.jail.argv(spec),
-                self.jail.env(spec),
-                cwd=str(sandbox.workspace),
+                self.jail.launch(spec),
+                # bwrap may start as the dropped uid: give it a cwd anyone can enter.
+                cwd=str(sandbox.workspace) if self.jail.mode == "none" else "/",
                 on_exit=self._on_jail_exit,
             )
             sandbox.jail = jail
@@ -250,9 +265,26 @@ class Registry:
         sandbox = self._sandboxes.get(jail.sandbox_id)
         if sandbox is None or sandbox.status == DESTROYED:
             return
+        if self._end_if_oom(sandbox):
+            return
         sandbox.error = sandbox.error or jail.describe_exit()
         log.warning("sandbox %s stopped unexpectedly: %s", sandbox.id, sandbox.error)
         self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+
+    def _end_if_oom(self, sandbox: Sandbox) -> bool:
+        """Destroy a sandbox whose memory cgroup saw an OOM kill; True if it did (or had)."""
+        if sandbox.status == DESTROYED:
+            return sandbox.error == oom_reason(self.config.limits)
+        cgroup = sandbox.cgroup
+        if cgroup is None or cgroup.oom_kills() == 0:
+            return False
+        sandbox.error = oom_reason(self.config.limits)
+        log.warning("sandbox %s ran out of memory; destroying it", sandbox.id)
+        # Mark it destroyed now, synchronously, so no exec slips in before the teardown.
+        sandbox.destroyed_at = utcnow()
+        sandbox.set_status(DESTROYED)
+        self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+        return True
 
     # -- wait ------------------------------------------------------------------
 
@@ -291,6 +323,7 @@ class Registry:
             "timeout": timeout,
             "cap": self.config.limits.output_cap,
         }
+        fork_failures = sandbox.cgroup.pids_limit_hits() if sandbox.cgroup else 0
         try:
             answer = await sandbox.jail.request(message, timeout + EXEC_BACKSTOP_S)
         except JailGone:
@@ -302,13 +335,21 @@ class Registry:
                 f"Sandbox {sandbox.id} did not answer within {timeout + EXEC_BACKSTOP_S:g} s.",
                 retryable=False,
             ) from None
+        if self._end_if_oom(sandbox):
+            # Whatever this command printed, the sandbox it ran in is gone.
+            raise gone(sandbox)
         if not answer.get("ok"):
             raise ServiceError(
                 500,
                 "internal_error",
                 f"The sandbox could not run the command: {answer.get('error')}",
             )
-        return {k: v for k, v in answer.items() if k not in ("id", "ok")}
+        result = {k: v for k, v in answer.items() if k not in ("id", "ok")}
+        if sandbox.cgroup is not None:
+            fork_failures = sandbox.cgroup.pids_limit_hits() - fork_failures
+        else:
+            fork_failures = 0
+        return _with_limit_event(result, fork_failures, self.config.limits)
 
     # -- destroy ---------------------------------------------------------------
 
@@ -339,12 +380,14 @@ class Registry:
         # rmtree never follows symlinks, so links the sandbox planted cannot redirect it.
         shutil.rmtree(sandbox.root, ignore_errors=True)
 
-    async def run_reaper(self, interval: float = 1.0) -> None:
-        """Destroy sandboxes whose TTL has passed; runs for the service's lifetime."""
+    async def run_reaper(self, interval: float = REAPER_INTERVAL_S) -> None:
+        """Destroy sandboxes past their TTL or OOM-killed; runs for the service's lifetime."""
         while True:
             await asyncio.sleep(interval)
             now = utcnow()
             for sandbox in list(self._sandboxes.values()):
+                if sandbox.status == RUNNING and self._end_if_oom(sandbox):
+                    continue
                 if sandbox.status != DESTROYED and sandbox.expires_at <= now:
                     sandbox.error = "ttl expired"
                     log.info("sandbox %s reached its TTL", sandbox.id)
@@ -374,7 +417,7 @@ def not_found(sandbox_id: str) -> ServiceError:
 
 
 def gone(sandbox: Sandbox) -> ServiceError:
-    why = f" ({sandbox.error})" if sandbox.error else ""
+    why = f": {sandbox.error}" if sandbox.error else ""
     return ServiceError(
         404,
         "sandbox_not_found",
@@ -382,3 +425,23 @@ def gone(sandbox: Sandbox) -> ServiceError:
         hint="Create a new sandbox.",
         retryable=False,
     )
+
+
+def oom_reason(limits: Limits) -> str:
+    return f"out of memory (limit {human_bytes(limits.memory)})"
+
+
+def _with_limit_event(result: dict[str, Any], fork_failures: int, limits: Limits) -> dict[str, Any]:
+    """Name the limit an exec ran into: ``limitReached`` and a sentence on stderr."""
+    if result.get("timedOut"):
+        result["limitReached"] = "time_limit"
+    elif fork_failures > 0:
+        result["limitReached"] = "process_limit"
+        stderr = str(result.get("stderr", ""))
+        if stderr and not stderr.endswith("\n"):
+            stderr += "\n"
+        result["stderr"] = stderr + (
+            f"modbox: the sandbox reached its process limit ({limits.nproc} processes and "
+            f"threads); {fork_failures} fork attempts failed\n"
+        )
+    return result

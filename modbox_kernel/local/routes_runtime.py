@@ -10,13 +10,19 @@ Files routes (documented in docs/local-service.md): ``POST files/upload`` (multi
 ``file``) → ``uploads/<basename>``; ``GET files?path=`` lists a directory;
 ``GET files/download?path=`` streams a regular file; ``DELETE files?path=`` removes a
 file, link or empty directory. Paths are workspace-relative or absolute under the
-workspace path the sandbox sees.
+workspace path the sandbox sees. Each request borrows its own duplicate of the
+workspace fd, and the worker thread that uses it closes it (``_in_workspace``):
+closing it from the request would race a thread still running after a disconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from starlette.concurrency import iterate_in_threadpool
@@ -29,6 +35,7 @@ from . import files
 from .auth import require_token
 from .bodies import limited, opt_number, opt_str, read_json_object
 from .envelope import ServiceError, validation_error
+from .jailprocess import JailGone
 from .registry import DESTROYED, PROVISIONING, Sandbox, gone
 from .state import ServiceState, service
 
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/sandboxes/{sandbox_id}/runtime/modbox/api"
 MULTIPART_OVERHEAD = 1024 * 1024  # boundaries and part headers around the file
+
+T = TypeVar("T")
 
 
 def _sandbox(request: Request) -> tuple[ServiceState, Sandbox]:
@@ -45,14 +54,48 @@ def _sandbox(request: Request) -> tuple[ServiceState, Sandbox]:
     return state, sandbox
 
 
-def _workspace(sandbox: Sandbox) -> files.Workspace:
+def _borrow_workspace(state: ServiceState, sandbox: Sandbox) -> files.Workspace:
+    """A Workspace holding a fresh duplicate of the sandbox's workspace fd."""
     if sandbox.status == PROVISIONING:
         raise ServiceError(
             409, "sandbox_not_ready", "The sandbox is still provisioning.", retryable=True
         )
-    if sandbox.status == DESTROYED:
+    if sandbox.status == DESTROYED or sandbox.jail is None:
         raise gone(sandbox)
-    return files.Workspace(str(sandbox.workspace), sandbox.workspace_path)
+    try:
+        fd = sandbox.jail.workspace_fd()
+    except JailGone:
+        raise gone(sandbox) from None
+    return files.Workspace(fd, sandbox.workspace_path, owner=state.registry.jail.privilege.drop)
+
+
+async def _in_workspace(
+    state: ServiceState, sandbox: Sandbox, func: Callable[..., T], *args: Any
+) -> T:
+    """Run ``func(workspace, *args)`` in a worker thread that owns the borrowed fd."""
+    ws = _borrow_workspace(state, sandbox)
+    lock = threading.Lock()
+    claimed = {"thread": False, "request": False}
+
+    def run() -> T:
+        with lock:
+            if claimed["request"]:
+                raise asyncio.CancelledError  # the request gave up before we started
+            claimed["thread"] = True
+        try:
+            with files.acting_as(ws.owner):
+                return func(ws, *args)
+        finally:
+            os.close(ws.root_fd)
+
+    try:
+        return await asyncio.to_thread(run)
+    except asyncio.CancelledError:
+        with lock:  # the thread never started: the fd is ours to close
+            if not claimed["thread"]:
+                claimed["request"] = True
+                os.close(ws.root_fd)
+        raise
 
 
 async def exec_command(request: Request) -> JSONResponse:
@@ -74,37 +117,43 @@ async def exec_command(request: Request) -> JSONResponse:
 
 async def upload(request: Request) -> JSONResponse:
     state, sandbox = _sandbox(request)
-    ws = _workspace(sandbox)
-    limit = state.config.limits.upload_max
+    limits = state.config.limits
+    limit = limits.upload_max
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise validation_error("body", "must be multipart/form-data with a 'file' field")
+    os.close(_borrow_workspace(state, sandbox).root_fd)  # 404/409 before reading 50 MB
     form = await limited(request, limit + MULTIPART_OVERHEAD).form(max_files=1, max_fields=16)
     try:
         item = form.get("file")
         if not isinstance(item, UploadFile):
             raise validation_error("body.file", "is required (a file part named 'file')")
         name = files.upload_name(item.filename)
-        answer = await asyncio.to_thread(files.store_upload, ws, name, item.file, limit)
+        answer = await _in_workspace(
+            state, sandbox, files.store_upload, name, item.file, limit, limits.upload_count_max
+        )
     finally:
         await form.close()
     return JSONResponse(answer)
 
 
 async def list_files(request: Request) -> JSONResponse:
-    _, sandbox = _sandbox(request)
-    ws = _workspace(sandbox)
-    parts = files.split_path(ws, request.query_params.get("path"))
-    return JSONResponse(await asyncio.to_thread(files.list_dir, ws, parts))
+    state, sandbox = _sandbox(request)
+    parts = files.split_path(sandbox.workspace_path, request.query_params.get("path"))
+    listing = await _in_workspace(
+        state, sandbox, files.list_dir, parts, state.config.limits.list_max
+    )
+    return JSONResponse(listing)
 
 
 async def download(request: Request) -> Response:
-    _, sandbox = _sandbox(request)
-    ws = _workspace(sandbox)
+    state, sandbox = _sandbox(request)
     path = request.query_params.get("path")
     if not path:
         raise validation_error("query.path", "is required")
-    parts = files.split_path(ws, path)
-    fd, size = await asyncio.to_thread(files.open_file, ws, parts)
+    parts = files.split_path(sandbox.workspace_path, path)
+    fd, size = await _in_workspace(
+        state, sandbox, files.open_file, parts, state.config.limits.download_max
+    )
     filename = parts[-1]
     return StreamingResponse(
         iterate_in_threadpool(files.read_chunks(fd)),
@@ -117,13 +166,12 @@ async def download(request: Request) -> Response:
 
 
 async def delete_file(request: Request) -> JSONResponse:
-    _, sandbox = _sandbox(request)
-    ws = _workspace(sandbox)
+    state, sandbox = _sandbox(request)
     path = request.query_params.get("path")
     if not path:
         raise validation_error("query.path", "is required")
-    parts = files.split_path(ws, path)
-    return JSONResponse(await asyncio.to_thread(files.delete, ws, parts))
+    parts = files.split_path(sandbox.workspace_path, path)
+    return JSONResponse(await _in_workspace(state, sandbox, files.delete, parts))
 
 
 routes = [

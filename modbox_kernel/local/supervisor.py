@@ -9,7 +9,11 @@ import nothing from the package.
 Protocol (stdin from the service, stdout to the service): frames of a 4-byte
 big-endian length followed by that many bytes of UTF-8 JSON.
 
-* At start the supervisor writes ``{"id": 0, "hello": true, "pid": N}``; the service
+* First, with ``--channel-fd N`` (a unix socket the service passed down), it sends one
+  fd of its workspace directory (SCM_RIGHTS) and closes the socket: under bwrap the
+  workspace is a tmpfs that only exists inside the jail, and that fd is how the
+  service's files API reaches it.
+* Then the supervisor writes ``{"id": 0, "hello": true, "pid": N}``; the service
   marks the sandbox ``running`` when it sees it.
 * ``{"id": n, "op": "init", "env": {...}}`` sets extra environment variables for all
   later commands. The service sends the creator's ``env_vars`` this way instead of on
@@ -31,6 +35,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -300,9 +305,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _send_workspace(channel_fd: int, workspace: str) -> None:
+    """Hand the service an fd of the workspace, then close the channel for good."""
+    channel = socket.socket(fileno=channel_fd)
+    try:
+        ws_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            socket.send_fds(channel, [b"w"], [ws_fd])
+        finally:
+            os.close(ws_fd)
+    finally:
+        channel.close()
+
+
 def main() -> int:
     workspace = os.environ.get("MODBOX_WORKSPACE") or os.getcwd()
     os.environ.pop("MODBOX_WORKSPACE", None)
+    if len(sys.argv) == 3 and sys.argv[1] == "--channel-fd":
+        _send_workspace(int(sys.argv[2]), workspace)
     # Our own stdout carries frames; anything a library prints must not corrupt them.
     frames_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
