@@ -20,7 +20,7 @@ import os
 import queue
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,7 +375,7 @@ def sandbox_processes(sandbox_ids: Iterable[str]) -> dict[str, list[int]]:
     return found
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
     """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while True:
