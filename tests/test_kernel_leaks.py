@@ -24,6 +24,7 @@ import psutil
 import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import LocalProvisioner
 from kernel_helpers import (
     KERNEL_NAME,
     STARTUP_TIMEOUT,
@@ -125,7 +126,8 @@ async def test_twenty_kernels_leave_no_sandbox(request: pytest.FixtureRequest) -
 
 async def test_embedded_backend_dies_with_its_kernel() -> None:
     kernel = await LiveKernel.start(embedded_env())
-    kernel_pid = kernel.km.provisioner.pid if kernel.km.provisioner else None
+    assert isinstance(kernel.km.provisioner, LocalProvisioner)
+    kernel_pid = kernel.km.provisioner.pid
     assert kernel_pid is not None
     tree = psutil.Process(kernel_pid).children(recursive=True)
     assert kernel.sandbox_id and kernel.sandbox_id != "unset"
