@@ -207,6 +207,15 @@ def cell_file_name(code: str) -> str:
 # --------------------------------------------------------------------------- cells
 
 
+def _warm_up_jedi() -> None:
+    try:
+        import jedi
+
+        jedi.Interpreter("zi", [{}]).complete()
+    except Exception:  # only an optimisation
+        log.debug("jedi warm-up failed", exc_info=True)
+
+
 def truncation_notice(limit: int) -> str:
     """The one line that replaces a cell's stream output beyond ``output_limit``.
 
@@ -1177,6 +1186,11 @@ class Agent:
         self.mode = runner.mode
         self.ready.set()
         log.info("runner ready: %s", self.mode)
+        if self.ipython_version:
+            # jedi's first completion parses the builtins stubs (seconds on a fresh
+            # sandbox with an empty cache); do it now, off the main thread, so the
+            # user's first Tab is fast. parso's parse cache is process-wide.
+            threading.Thread(target=_warm_up_jedi, name="jedi-warm-up", daemon=True).start()
 
     def main_loop(self) -> None:
         while True:
