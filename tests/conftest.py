@@ -14,6 +14,10 @@ to start without a working bwrap, so the failure shows up even earlier.)
 
 ``local_sandbox`` is one running sandbox shared by the service tests that do not
 need a fresh one (creating a sandbox is cheap, but not free).
+
+Host inspection for the isolation tests (``host_pids_of``, ``pid_namespace``,
+``processes_in_pid_namespace``, ``processes_of_uid``, ``sandbox_cgroup_dirs``) reads
+the host's /proc and cgroup trees directly, so a leak is seen however it happened.
 """
 
 from __future__ import annotations
@@ -53,6 +57,57 @@ def host_pids_of(sandbox_id: str) -> set[int]:
         except OSError:
             continue
     return found
+
+
+def pid_namespace(sandbox: LocalSandbox) -> str:
+    """The sandbox's pid namespace, e.g. ``pid:[4026532871]`` (read from inside it)."""
+    ns = sandbox.exec("readlink /proc/self/ns/pid")["stdout"].strip()
+    assert ns.startswith("pid:["), ns
+    return ns
+
+
+def processes_in_pid_namespace(ns: str) -> set[int]:
+    """Host pids of every live process in that pid namespace (root sees all of them).
+
+    Zombies do not count: they run nothing and hold nothing but a pid until their
+    parent reaps them (when the service is SIGKILLed, bwrap's processes are orphaned to
+    the host's init, which may take a few seconds to reap them).
+    """
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") != ns:
+                    continue
+                with open(f"/proc/{name}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        found.add(int(name))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+def processes_of_uid(uid: int) -> set[int]:
+    """Host pids whose real uid is ``uid`` (zombies included: they keep their uid)."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            if int(line.split()[1]) == uid:
+                                found.add(int(name))
+                            break
+            except OSError:
+                continue
+    return found
+
+
+def sandbox_cgroup_dirs(service_pid: int, sandbox_id: str) -> list[Path]:
+    """The cgroup directories the service made for this sandbox that still exist."""
+    name = f"modbox-{service_pid}-{sandbox_id}"
+    return [p for p in Path("/sys/fs/cgroup").glob(f"**/{name}") if p.is_dir()]
 
 
 @dataclass
@@ -177,10 +232,14 @@ class LocalSandbox:
     http: httpx.Client = field(repr=False)
 
     def exec(self, command: str, **extra: Any) -> dict[str, Any]:
-        response = self.http.post(self.exec_url, json={"command": command, **extra})
+        response = self.post_exec(command, **extra)
         assert response.status_code == 200, response.text
         result: dict[str, Any] = response.json()
         return result
+
+    def post_exec(self, command: str, **extra: Any) -> httpx.Response:
+        """The raw exec answer (for tests that expect an error envelope)."""
+        return self.http.post(self.exec_url, json={"command": command, **extra})
 
     def close(self) -> None:
         self.http.close()

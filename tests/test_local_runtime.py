@@ -70,7 +70,7 @@ def test_exec_environment_is_cleared_plus_env_vars(local_service: LocalService) 
             "PATH", "HOME", "LANG", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
             "MODBOX_SANDBOX_ID", "GREETING", "SANDBOX_API_KEY",
             # pip installs into the writable workspace (docs/local-service.md)
-            "PIP_PREFIX", "PYTHONPATH", "PIP_DISABLE_PIP_VERSION_CHECK",
+            "PIP_PREFIX", "PYTHONPATH", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_RETRIES",
             # set by bash itself
             "PWD", "SHLVL", "_", "OLDPWD",
         }  # fmt: skip

@@ -35,6 +35,7 @@ from .cgroups import detect as detect_cgroups
 from .check import run_check
 from .config import DEFAULT_SANDBOX_UID, GIB, MIB, Limits, ServiceConfig
 from .isolation import StartupError, choose_jail
+from .orphans import become_subreaper
 from .registry import Registry
 from .shapes import builtin_image
 from .stale import make_state_dir, reap_stale_state_dirs
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         except (StartupError, OSError) as exc:
             print(f"modbox-local: cannot start: {exc}", file=sys.stderr, flush=True)
             return 2
+        if not become_subreaper():
+            log.warning("could not become a child subreaper; ended jails may linger as zombies")
         cgroups = detect_cgroups(limits.memory, limits.nproc, limits.cpus)
         cgroups.reap_stale()
         note = cgroups.description

@@ -8,6 +8,12 @@ Error handling: route code raises ``ServiceError`` for answers it means; Starlet
 own HTTP errors (unknown route, wrong method, broken multipart) become envelopes too;
 anything else becomes a 500 ``internal_error`` envelope whose body holds no traceback
 (the traceback goes to the log). Every response carries ``X-Request-Id``.
+
+Host check: a service bound to loopback answers only requests whose ``Host`` names
+loopback (or the ``--public-url`` host); anything else gets a 403 envelope. The service
+is a code-execution endpoint, and a web page could otherwise reach it through DNS
+rebinding (reliability.md §3.5). Bound to another address, the operator chose to
+expose it and every Host is accepted (the token still guards every route but /health).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import secrets
 import shutil
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
@@ -71,6 +78,54 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class HostCheckMiddleware:
+    """Answers 403 to requests whose Host header is not one this service is reached by."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed = allowed  # None: any host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.allowed is None:
+            await self.app(scope, receive, send)
+            return
+        host = ""
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                host = value.decode("latin-1")
+                break
+        if _hostname(host) not in self.allowed:
+            error = ServiceError(
+                403,
+                "forbidden",
+                f"Host {host[:100]!r} is not accepted by this local service.",
+                hint="Reach it at the address it announced (loopback).",
+            )
+            request_id = scope.get(_SCOPE_KEY)
+            response = envelope_response(
+                error, request_id if isinstance(request_id, str) else f"req_{secrets.token_hex(8)}"
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _hostname(host: str) -> str:
+    """The name part of a Host header ("[::1]:80" -> "::1", "a:80" -> "a")."""
+    return (urlsplit(f"//{host}").hostname or "").lower() if host else ""
+
+
+def allowed_hosts(bind_host: str, base_url: str) -> frozenset[str] | None:
+    """Loopback names plus the advertised host when bound to loopback, else None (any)."""
+    if bind_host not in LOOPBACK_HOSTS:
+        return None
+    advertised = urlsplit(base_url).hostname
+    return LOOPBACK_HOSTS | ({advertised.lower()} if advertised else set())
 
 
 def _request_id(request: Request) -> str:
@@ -132,6 +187,9 @@ def build_app(state: ServiceState) -> Starlette:
             Exception: _on_unexpected,
         },
         lifespan=lifespan,
+    )
+    app.add_middleware(
+        HostCheckMiddleware, allowed=allowed_hosts(state.config.host, state.base_url)
     )
     app.add_middleware(RequestIdMiddleware)
     app.state.service = state

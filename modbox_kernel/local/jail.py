@@ -204,6 +204,13 @@ class BwrapJail(Jail):
     def workspace_path(self, spec: JailSpec) -> str:
         return JAIL_WORKSPACE
 
+    def env(self, spec: JailSpec) -> dict[str, str]:
+        env = super().env(spec)
+        if not spec.network:
+            # No network: let `pip install` fail at once instead of after 5 retries.
+            env["PIP_RETRIES"] = "0"
+        return env
+
     def _seccomp_fd(self) -> int | None:
         if self.seccomp_program is None:
             return None

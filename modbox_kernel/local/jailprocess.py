@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 256 * 1024 * 1024  # two capped streams plus JSON escaping fit easily
+# How long the outer bwrap gets to notice its pid 1 died before it is killed too.
+INNER_KILL_GRACE_S = 2.0
 
 
 class JailGone(Exception):
@@ -49,9 +51,11 @@ class JailProcess:
         launch: Launch,
         cwd: str,
         on_exit: Callable[[JailProcess], None] | None = None,
+        pid_namespace: bool = False,
     ) -> None:
         self.sandbox_id = sandbox_id
         self._launch = launch
+        self._pid_namespace = pid_namespace  # bwrap: the jail has its own pid 1
         self._cwd = cwd
         self._on_exit = on_exit
         self._workspace_fd = -1
@@ -67,6 +71,12 @@ class JailProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def unreaped_pid(self) -> int | None:
+        """Our child's pid while asyncio has not collected its exit status yet."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     @property
     def alive(self) -> bool:
@@ -140,11 +150,23 @@ class JailProcess:
             self._pending.pop(rid, None)
 
     async def kill(self) -> None:
-        """SIGKILL the jail (bwrap takes its pid namespace with it) and reap it."""
+        """SIGKILL the jail (bwrap takes its pid namespace with it) and reap it.
+
+        Under bwrap the first victim is the jail's pid 1 (the outer bwrap's child): the
+        kernel then kills the whole pid namespace, and the outer bwrap reaps its child
+        and exits on its own. Killing the outer bwrap first would orphan that pid 1 to
+        the host's init, to linger as a zombie until init gets round to it.
+        """
         proc = self._proc
         if proc is None:
             self.release()
             return
+        if proc.returncode is None and self._pid_namespace:
+            for child in _children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), INNER_KILL_GRACE_S)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 # The process group covers a none-mode supervisor and its direct
@@ -257,3 +279,12 @@ def _receive_fd(channel: socket.socket) -> int:
     except OSError:
         return -1
     return fds[0] if fds else -1
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (its main thread's, which is where bwrap forks)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []

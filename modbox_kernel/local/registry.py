@@ -42,6 +42,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from . import orphans
 from .admission import admit
 from .cgroups import CgroupManager, SandboxCgroup
 from .config import Limits, ServiceConfig
@@ -241,6 +242,7 @@ class Registry:
                 # bwrap may start as the dropped uid: give it a cwd anyone can enter.
                 cwd=str(sandbox.workspace) if self.jail.mode == "none" else "/",
                 on_exit=self._on_jail_exit,
+                pid_namespace=self.jail.mode == "bwrap",
             )
             sandbox.jail = jail
             # Spawned here, on the event-loop thread (see jailprocess's docstring).
@@ -274,11 +276,18 @@ class Registry:
     def _end_if_oom(self, sandbox: Sandbox) -> bool:
         """Destroy a sandbox whose memory cgroup saw an OOM kill; True if it did (or had)."""
         if sandbox.status == DESTROYED:
-            return sandbox.error == oom_reason(self.config.limits)
+            return (sandbox.error or "").startswith(oom_reason(self.config.limits))
         cgroup = sandbox.cgroup
         if cgroup is None or cgroup.oom_kills() == 0:
             return False
         sandbox.error = oom_reason(self.config.limits)
+        if cgroup.pids_limit_hits() > 0:
+            # A fork bomb of a big process (an IPython agent copying itself) usually
+            # ends in the OOM killer; name the process limit it ran into too.
+            sandbox.error += (
+                f" after reaching its process limit ({self.config.limits.nproc} processes "
+                "and threads; a fork bomb?)"
+            )
         log.warning("sandbox %s ran out of memory; destroying it", sandbox.id)
         # Mark it destroyed now, synchronously, so no exec slips in before the teardown.
         sandbox.destroyed_at = utcnow()
@@ -368,6 +377,7 @@ class Registry:
             if sandbox.jail is not None:
                 await sandbox.jail.kill()
             await asyncio.to_thread(self._teardown_files, sandbox)
+            await asyncio.to_thread(orphans.reap, self._unreaped_pids())
             sandbox.torn_down = True
             log.info("sandbox %s destroyed", sandbox.id)
 
@@ -381,9 +391,13 @@ class Registry:
         shutil.rmtree(sandbox.root, ignore_errors=True)
 
     async def run_reaper(self, interval: float = REAPER_INTERVAL_S) -> None:
-        """Destroy sandboxes past their TTL or OOM-killed; runs for the service's lifetime."""
+        """Destroy sandboxes past their TTL or OOM-killed, reap orphaned jail processes.
+
+        Runs for the service's lifetime.
+        """
         while True:
             await asyncio.sleep(interval)
+            await asyncio.to_thread(orphans.reap, self._unreaped_pids())
             now = utcnow()
             for sandbox in list(self._sandboxes.values()):
                 if sandbox.status == RUNNING and self._end_if_oom(sandbox):
@@ -392,6 +406,14 @@ class Registry:
                     sandbox.error = "ttl expired"
                     log.info("sandbox %s reached its TTL", sandbox.id)
                     self._spawn(self.destroy(sandbox), f"reap-{sandbox.id}")
+
+    def _unreaped_pids(self) -> set[int]:
+        """Pids of our jail children whose exit status asyncio still has to collect."""
+        return {
+            pid
+            for s in self._sandboxes.values()
+            if s.jail is not None and (pid := s.jail.unreaped_pid) is not None
+        }
 
     async def close(self) -> None:
         """Destroy every sandbox (service shutdown)."""
