@@ -23,7 +23,11 @@ Limit events and their causes:
 * **Time limit**: the exec answer has ``timedOut: true`` and ``limitReached:
   "time_limit"`` (the supervisor killed the command's process group).
 * **Process limit**: when forks failed at ``pids.max`` during an exec, its answer has
-  ``limitReached: "process_limit"`` and stderr ends with a ``modbox:`` sentence.
+  ``limitReached: "process_limit"`` and stderr ends with a ``modbox:`` sentence. When
+  the sandbox is so full that the command itself cannot start (a fork bomb's copies
+  hold every slot), nothing can run there any more: the sandbox is ended with
+  ``error`` "process limit reached (N processes and threads) …" and the exec gets the
+  404 below.
 * **Killed from inside** (``os.kill(-1, 9)``): the supervisor dies with everything
   else; ``error`` says so (``jailprocess.JailProcess.describe_exit``).
 """
@@ -280,20 +284,25 @@ class Registry:
         cgroup = sandbox.cgroup
         if cgroup is None or cgroup.oom_kills() == 0:
             return False
-        sandbox.error = oom_reason(self.config.limits)
+        reason = oom_reason(self.config.limits)
         if cgroup.pids_limit_hits() > 0:
             # A fork bomb of a big process (an IPython agent copying itself) usually
             # ends in the OOM killer; name the process limit it ran into too.
-            sandbox.error += (
+            reason += (
                 f" after reaching its process limit ({self.config.limits.nproc} processes "
                 "and threads; a fork bomb?)"
             )
-        log.warning("sandbox %s ran out of memory; destroying it", sandbox.id)
+        self._end(sandbox, reason)
+        return True
+
+    def _end(self, sandbox: Sandbox, reason: str) -> None:
+        """Destroy a sandbox that can no longer work, recording why."""
+        sandbox.error = reason
+        log.warning("sandbox %s ended: %s", sandbox.id, reason)
         # Mark it destroyed now, synchronously, so no exec slips in before the teardown.
         sandbox.destroyed_at = utcnow()
         sandbox.set_status(DESTROYED)
         self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
-        return True
 
     # -- wait ------------------------------------------------------------------
 
@@ -346,6 +355,13 @@ class Registry:
             ) from None
         if self._end_if_oom(sandbox):
             # Whatever this command printed, the sandbox it ran in is gone.
+            raise gone(sandbox)
+        if answer.get("spawnError") == "process_limit" and sandbox.status != DESTROYED:
+            self._end(
+                sandbox,
+                f"process limit reached ({self.config.limits.nproc} processes and threads): "
+                "no command can start in the sandbox any more (a fork bomb?)",
+            )
             raise gone(sandbox)
         if not answer.get("ok"):
             raise ServiceError(

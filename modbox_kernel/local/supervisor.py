@@ -24,6 +24,10 @@ big-endian length followed by that many bytes of UTF-8 JSON.
   "durationMs", "timedOut", "truncated"}``. Requests are handled concurrently, one
   thread each, and answered in completion order; ``id`` matches them up.
 * ``{"id": n, "op": "ping"}`` answers ``{"id": n, "ok": true}``.
+* When the sandbox is at its process limit so that neither a thread nor ``bash`` can
+  be started (a fork bomb's copies holding every slot), the answer after a short retry
+  is ``exitCode`` 126 with ``"spawnError": "process_limit"``; the service then ends
+  the sandbox, which can no longer run anything.
 
 Processes started by a command (``nohup … &``, a daemonized agent) outlive it: the
 sandbox is a long-lived jail, and only its destruction kills everything.
@@ -53,6 +57,10 @@ LATE_OUTPUT_GRACE_S = 0.05
 MAX_INLINE_COMMAND = 100_000
 
 TIMEOUT_EXIT_CODE = 124  # what timeout(1) uses; callers recognise it
+CANNOT_START_EXIT_CODE = 126  # the shell's "found but could not run"
+# How long a command start is retried when fork fails with EAGAIN: processes of a
+# short-lived burst may exit meanwhile; a fork bomb's copies will not.
+SPAWN_RETRY_S = 1.0
 
 _HEADER = struct.Struct(">I")
 
@@ -109,7 +117,12 @@ class Supervisor:
             op = request.get("op")
             rid = request.get("id")
             if op == "exec":
-                threading.Thread(target=self._exec_and_answer, args=(request,), daemon=True).start()
+                try:
+                    threading.Thread(
+                        target=self._exec_and_answer, args=(request,), daemon=True
+                    ).start()
+                except RuntimeError:  # no thread: the sandbox is at its process limit
+                    self.send({"id": rid, "ok": True, **_at_process_limit(time.monotonic())})
             elif op == "init":
                 env = request.get("env") or {}
                 self._env.update({str(k): str(v) for k, v in env.items()})
@@ -156,16 +169,9 @@ class Supervisor:
             argv = ["bash", "-c", command]
             pass_fds = ()
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=self._workspace,
-                env=self._env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # own process group: a timeout kills all of it
-                pass_fds=pass_fds,
-            )
+            proc = self._spawn(argv, pass_fds)
+        except BlockingIOError:
+            return _at_process_limit(started)
         except OSError as exc:
             return _result(127, b"", f"modbox: cannot start bash: {exc}\n".encode(), started)
         finally:
@@ -178,6 +184,27 @@ class Supervisor:
         finally:
             with self._groups_lock:
                 self._groups.discard(proc.pid)
+
+    def _spawn(self, argv: list, pass_fds: tuple) -> subprocess.Popen:
+        deadline = time.monotonic() + SPAWN_RETRY_S
+        delay = 0.01
+        while True:
+            try:
+                return subprocess.Popen(
+                    argv,
+                    cwd=self._workspace,
+                    env=self._env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,  # own process group: a timeout kills all of it
+                    pass_fds=pass_fds,
+                )
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _collect(self, proc: subprocess.Popen, started: float, timeout: float, cap: int) -> dict:
         assert proc.stdout is not None and proc.stderr is not None
@@ -260,6 +287,17 @@ class Supervisor:
         result["timedOut"] = timed_out
         result["truncated"] = bool(dropped["stdout"] or dropped["stderr"])
         return result
+
+
+def _at_process_limit(started: float) -> dict:
+    result = _result(
+        CANNOT_START_EXIT_CODE,
+        b"",
+        b"modbox: cannot start the command: the sandbox is at its process limit\n",
+        started,
+    )
+    result["spawnError"] = "process_limit"
+    return result
 
 
 def _kill_group(pgid: int) -> None:
