@@ -99,7 +99,7 @@ async def run_check(config: ServiceConfig) -> int:
     for line in _report(config, jail, cgroups, facts, host):
         print(line.render())
     if jail.mode == "bwrap":
-        print(f"result: sandboxes are isolated with bubblewrap ({jail.privilege.describe()})")
+        print(f"result: sandboxes are isolated with bubblewrap; {jail.privilege.describe()}")
     else:
         print(
             "result: NO ISOLATION: sandboxes run as plain host processes "
@@ -287,11 +287,12 @@ def _report(
         )
     pids = cg.get("pids.max")
     nproc = rl.get("Max processes", "?")
+    nproc_note = "void: uid 0" if "0" in host["uids"] else "per sandbox"
     lines.append(
         Line(
             pids is not None,
             f"processes and threads: pids.max {pids or 'none'} (cgroup), RLIMIT_NPROC "
-            f"{nproc} (void for uid 0)",
+            f"{nproc} ({nproc_note})",
         )
     )
     cpus = _cpu_quota(cg)

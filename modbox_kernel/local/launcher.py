@@ -71,12 +71,13 @@ class Privilege:
         return self.drop if self.drop is not None else (os.getuid(), os.getgid())
 
     def describe(self) -> str:
+        """How sandboxes get their uid, for the startup log and ``--check``."""
         if self.drop is not None:
             uid, gid = self.drop
-            return f"uid {uid} / gid {gid} outside and inside (dropped from root with setpriv)"
+            return f"uid {uid}, gid {gid}: dropped from root with setpriv before bwrap"
         if os.geteuid() == 0:
-            return "uid 0 outside (root; no privilege drop), capabilities dropped inside"
-        return f"uid {os.getuid()} (the service's own user) outside and inside"
+            return "uid 0 outside: the service is root and no privilege drop is in force"
+        return f"uid {os.getuid()}: the service's own user"
 
 
 def prefix(privilege: Privilege, cgroup_procs: tuple[Path, ...], staged: list[str]) -> list[str]:
