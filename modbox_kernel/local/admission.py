@@ -25,7 +25,8 @@ RETRY_AFTER_S = 5
 def admit(live: int, limits: Limits) -> None:
     """Raise the 429 envelope when one more sandbox would pass a cap."""
     if live >= limits.max_sandboxes:
-        raise at_capacity(live, f"at most {limits.max_sandboxes} sandboxes may run at once")
+        cap = limits.max_sandboxes
+        raise at_capacity(live, f"at most {cap} {_noun(cap)} may run at once")
     if (live + 1) * limits.memory > limits.max_total_memory:
         raise at_capacity(
             live,
@@ -34,12 +35,15 @@ def admit(live: int, limits: Limits) -> None:
         )
 
 
+def _noun(count: int) -> str:
+    return "sandbox" if count == 1 else "sandboxes"
+
+
 def at_capacity(live: int, why: str) -> ServiceError:
-    noun = "sandbox" if live == 1 else "sandboxes"
     return ServiceError(
         429,
         "rate_limited",
-        f"The host is at capacity: {live} {noun} running; try again shortly.",
+        f"The host is at capacity: {live} {_noun(live)} running; try again shortly.",
         hint=f"{why[0].upper()}{why[1:]}. Destroy sandboxes you no longer need.",
         retryable=True,
         headers={"Retry-After": str(RETRY_AFTER_S)},
