@@ -6,10 +6,13 @@ sandbox as a long-lived bubblewrap jail — or, where bwrap is unusable, as plai
 processes, loudly. The kernel starts it as a subprocess when no Modbox token is
 configured; nothing here imports ``api``, ``session`` or ``kernel``.
 
-Modules, in call order: ``__main__`` (CLI, startup line) → ``isolation`` (probe,
-choose the jail) and ``cgroups`` (limits) → ``app`` (Starlette, envelope, request ids)
-→ ``routes_control`` / ``routes_runtime`` → ``registry`` (lifecycle, TTL) →
-``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the jail).
-``jail`` builds the argv, ``files`` does symlink-proof workspace I/O, ``procscan``
-finds stray processes, ``shapes`` holds the SDK's JSON shapes.
+Modules, in call order: ``__main__`` (CLI, startup line; ``check`` for ``--check``)
+→ ``isolation`` (probe, choose the jail) and ``cgroups`` (limits) → ``app``
+(Starlette, envelope, request ids, Host check) → ``routes_control`` /
+``routes_runtime`` → ``registry`` (lifecycle, TTL, limit events; ``admission`` caps
+creates) → ``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the
+jail). ``jail`` builds the argv with ``launcher`` (cgroups, privilege drop) and
+``seccomp`` (the filter), ``files`` does symlink-proof workspace I/O, ``procscan``
+finds stray processes, ``orphans`` reaps what bwrap leaves behind, ``shapes`` holds
+the SDK's JSON shapes.
 """
