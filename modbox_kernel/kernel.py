@@ -263,6 +263,10 @@ class ModboxKernel(Kernel):
         cell_id: str | None = None,
     ) -> dict[str, Any]:
         self._allow_stdin = allow_stdin
+        if not store_history and not silent:
+            # Kernel.execute_request counted this request already; IPython counts only
+            # cells that go into history.
+            self.execution_count -= 1
         code, limit = self._cell_time_limit(code)
         cell = CellRequest(
             code=code,
@@ -567,6 +571,36 @@ class ModboxKernel(Kernel):
             await asyncio.to_thread(self.modbox.close_blocking)
         self._shutdown_done.set()
         return {"status": "ok", "restart": restart}
+
+    async def shutdown_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """ipykernel's shutdown_request, except that the main loop stops last.
+
+        Right after a control handler returns, ipykernel flushes sys.stdout/stderr
+        through the IOPub thread. The base class has already asked the main loop to
+        stop by then, so the main thread may be inside IPKernelApp.close() tearing the
+        IOPub thread down: the flush blocks, the process never exits by itself, and
+        jupyter_client SIGTERMs it after 2.5 s (every restart pays that).
+        """
+        if not self.session:
+            return
+        content = await self.do_shutdown(parent["content"]["restart"])
+        self.session.send(stream, "shutdown_reply", content, parent, ident=ident)
+        self._shutdown_message = self.session.msg("shutdown_reply", content, parent)  # type: ignore[assignment]
+        await self._at_shutdown()
+        main = self.io_loop
+        loops = [main]
+        if self.shell_stream and self.shell_stream.io_loop is not main:
+            loops.append(self.shell_stream.io_loop)
+        if self.control_stream:
+            control = self.control_stream.io_loop
+            control.add_callback(control.stop)
+            # A control-loop callback runs only after process_control (and its flushes)
+            # has finished with this message.
+            for loop in loops:
+                control.add_callback(loop.add_callback, loop.stop)
+        else:
+            for loop in loops:
+                loop.add_callback(loop.stop)
 
     def _atexit(self) -> None:
         if not self._shutdown_done.is_set():

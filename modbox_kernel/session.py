@@ -420,6 +420,10 @@ class SandboxSession:
         if res.exit_code == agent_mod.UNREACHABLE_EXIT:
             raise _AgentUnreachable(_tail(res))
         line = res.stdout.strip()
+        if not line and res.exit_code == 0:
+            # The connection closed without an answer: the agent died while handling
+            # this request (a cell that killed its own process, a segfault, the OOM killer).
+            raise _AgentUnreachable(_tail(res))
         try:
             answer = json.loads(line) if line else None
         except ValueError:
@@ -438,7 +442,7 @@ class SandboxSession:
         Safe because ``execute`` is deduplicated by cell id in the agent and ``poll``
         only reads; so a reset connection or a 503 burst loses and repeats nothing.
         """
-        deadline = time.monotonic() + TRANSPORT_RETRY_WINDOW
+        deadline: float | None = None
         delay = 0.05
         while True:
             try:
@@ -446,6 +450,10 @@ class SandboxSession:
             except (ServiceUnreachableError, ModboxTimeoutError, ApiError) as exc:
                 if isinstance(exc, ApiError) and not _transient(exc):
                     raise
+                # The window starts at the first fault: one stalled request that used up
+                # its whole read timeout must still get a retry.
+                if deadline is None:
+                    deadline = time.monotonic() + TRANSPORT_RETRY_WINDOW
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("transport fault talking to the sandbox (%s); retrying", exc)
@@ -496,7 +504,7 @@ class SandboxSession:
                 poll = {"op": "poll", "id": cell.cell_id, "since": since, "wait": POLL_WAIT}
                 answer = await self._guarded(
                     sandbox,
-                    self._request_retrying(sandbox, poll, read_timeout=POLL_WAIT + 30.0),
+                    self._request_retrying(sandbox, poll, read_timeout=POLL_WAIT + 10.0),
                 )
         finally:
             self.running_cell = None

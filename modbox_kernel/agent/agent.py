@@ -551,6 +551,13 @@ def _make_ipython_runner(agent: Agent) -> Runner:
             self._last_traceback_during_displayhook = False
             return super().run_cell(*args, **kwargs)
 
+        def _get_exc_info(self, exc_tuple: Any = None) -> Any:
+            etype, value, tb = super()._get_exc_info(exc_tuple)
+            # A KeyboardInterrupt raised by the agent's SIGINT handler ends in a frame of
+            # this file (ipykernel's C-level handler leaves none). Users must not see it,
+            # and rendering it makes IPython parse this whole file: ~0.5 s once.
+            return etype, value, _without_agent_tail(tb)
+
         def _showtraceback(self, etype: Any, evalue: Any, stb: List[str]) -> None:
             # Exactly one `error` event and nothing on stderr (jupyter_kernel_test checks).
             if getattr(self.displayhook, "msg", None) is not None:
@@ -1403,6 +1410,21 @@ class Agent:
         log.info("shutting down")
         _remove_state_files(self.state_dir, os.getpid())
         os._exit(0)
+
+
+def _without_agent_tail(tb: Any) -> Any:
+    """``tb`` without the trailing entries that are frames of this file."""
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    me = os.path.abspath(__file__)
+    while entries and os.path.abspath(entries[-1].tb_frame.f_code.co_filename) == me:
+        entries.pop()
+    rebuilt = None
+    for entry in reversed(entries):
+        rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
 
 
 def _interrupt_children() -> None:
