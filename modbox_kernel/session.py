@@ -455,7 +455,12 @@ class SandboxSession:
                 if deadline is None:
                     deadline = time.monotonic() + TRANSPORT_RETRY_WINDOW
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise ServiceUnreachableError(
+                        f"lost contact with the Modbox service for {TRANSPORT_RETRY_WINDOW:.0f} s "
+                        f"while the cell ran ({exc.message})",
+                        hint="the sandbox may still be running it; check the network or the "
+                        "service, then run the next cell",
+                    ) from exc
                 log.warning("transport fault talking to the sandbox (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
