@@ -219,17 +219,27 @@ class SandboxSession:
             raise ProvisioningError(f"could not create a Modbox sandbox: {exc}") from exc
         self._last_sandbox_id = info.id
         try:
-            remaining = max(1.0, cfg.startup_timeout - (time.monotonic() - t0))
-            detail = await client.wait_until_running(info.id, timeout=remaining)
+            deadline = t0 + cfg.startup_timeout
+
+            def left() -> float:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ModboxTimeoutError("the startup deadline passed")
+                return remaining
+
+            detail = await client.wait_until_running(info.id, timeout=left())
             info = info.merged(detail)
             runtime = client.runtime(info, api_key)
-            state_dir, agent_file = await self._install_agent(runtime)
-            agent_info = await self._start_agent(runtime, state_dir, agent_file)
+            # The whole start, agent included, fits in MODBOX_STARTUP_TIMEOUT.
+            state_dir, agent_file = await asyncio.wait_for(self._install_agent(runtime), left())
+            agent_info = await asyncio.wait_for(
+                self._start_agent(runtime, state_dir, agent_file), left()
+            )
         except BaseException as exc:
             # Never leave a half-made sandbox behind, whatever went wrong.
             with contextlib.suppress(Exception):
                 await asyncio.shield(client.destroy_sandbox(info.id))
-            if isinstance(exc, ModboxTimeoutError):
+            if isinstance(exc, (ModboxTimeoutError, asyncio.TimeoutError)):
                 raise ProvisioningError(
                     f"the Modbox sandbox was not ready within {cfg.startup_timeout:.0f} s",
                     hint="raise MODBOX_STARTUP_TIMEOUT or check the service",
