@@ -1009,6 +1009,7 @@ class Agent:
         self.current: Optional[Cell] = None
         self.runner: Optional[Runner] = None
         self.ready = threading.Event()
+        self.jedi_warm_up: Optional[threading.Thread] = None
         self.io = OutputCapture(self, log_fd)
         self.main_ident = threading.get_ident()
         self.port = 0
@@ -1197,7 +1198,9 @@ class Agent:
             # jedi's first completion parses the builtins stubs (seconds on a fresh
             # sandbox with an empty cache); do it now, off the main thread, so the
             # user's first Tab is fast. parso's parse cache is process-wide.
-            threading.Thread(target=_warm_up_jedi, name="jedi-warm-up", daemon=True).start()
+            warm = threading.Thread(target=_warm_up_jedi, name="jedi-warm-up", daemon=True)
+            self.jedi_warm_up = warm
+            warm.start()
 
     def main_loop(self) -> None:
         while True:
@@ -1383,7 +1386,15 @@ class Agent:
         code = str(req.get("code", ""))
         pos = req.get("cursor_pos")
         cursor = len(code) if pos is None else int(pos)
-        return self._meta(lambda r: r.complete(code, cursor))
+
+        def complete(r: Any) -> Any:
+            # jedi is not thread-safe: let the background warm-up finish first.
+            warm = self.jedi_warm_up
+            if warm is not None:
+                warm.join(timeout=8.0)
+            return r.complete(code, cursor)
+
+        return self._meta(complete)
 
     def op_inspect(self, req: Dict[str, Any]) -> Dict[str, Any]:
         code = str(req.get("code", ""))
