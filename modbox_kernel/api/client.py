@@ -15,24 +15,22 @@ import logging
 import math
 import time
 import uuid
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from modbox_kernel.errors import (
-    ApiError,
     ModboxTimeoutError,
     NotFoundError,
     ProvisioningError,
     SandboxError,
 )
 
-from .http import USER_AGENT, Requester, RetryCallback, parse_json_object
+from .http import KeepAliveClient, RetryCallback, invalid_response, parse_json_object
 from .models import SandboxInfo
-from .retry import RetryMode, RetryPolicy
+from .retry import RetryMode
 from .runtime import SandboxRuntime
-from .urls import check_base_url, redact_url, sandbox_path, trust_env_for
+from .urls import check_base_url, redact_url, sandbox_path
 
 __all__ = ["ModboxClient"]
 
@@ -45,12 +43,14 @@ _MAX_WAIT_CALL = 30.0
 _NOT_MODBOX_HINT = "check that MODBOX_API_URL points at a Modbox API"
 
 
-class ModboxClient:
+class ModboxClient(KeepAliveClient):
     """Async client for the Modbox control plane (``https://api.modbox.run``).
 
-    One ``httpx.AsyncClient`` is reused for every call (keep-alive). Retries follow
-    :class:`~.retry.RetryPolicy`: every control-plane call is safe to repeat because
-    create carries an ``Idempotency-Key`` and the others are reads or idempotent.
+    One ``httpx.AsyncClient`` is reused for every call (keep-alive, see
+    :class:`~.http.KeepAliveClient`; ``aclose`` leaves the runtimes from
+    :meth:`runtime` to close on their own). Retries follow :class:`~.retry.RetryPolicy`:
+    every control-plane call is safe to repeat because create carries an
+    ``Idempotency-Key`` and the others are reads or idempotent.
     ``transport`` exists so tests can plug in ``httpx.MockTransport``; it is shared with
     the runtimes this client hands out.
     """
@@ -70,21 +70,16 @@ class ModboxClient:
         self.base_url = check_base_url(base_url)
         self.workspace_id = workspace_id or None
         self._token = token or None
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
         self._transport = transport
         self._on_retry = on_retry
-        self._policy = RetryPolicy(max_attempts=max(1, max_attempts))
-        self._http = httpx.AsyncClient(
+        super().__init__(
+            self.base_url,
             base_url=self.base_url,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
             transport=transport,
-            trust_env=trust_env_for(self.base_url),
-        )
-        self._requester = Requester(
-            self._http,
-            self._policy,
+            on_retry=on_retry,
             service="Modbox",
             unreachable_hint=(
                 "check MODBOX_API_URL and that the Modbox service is running and reachable"
@@ -97,7 +92,6 @@ class ModboxClient:
                 else "no API token is configured: set MODBOX_API_TOKEN"
             },
             secrets=(self._token,),
-            on_retry=on_retry,
         )
 
     def __repr__(self) -> str:
@@ -105,21 +99,6 @@ class ModboxClient:
             f"ModboxClient(base_url={redact_url(self.base_url)!r}, "
             f"token={'<set>' if self._token else '<unset>'}, workspace_id={self.workspace_id!r})"
         )
-
-    async def __aenter__(self) -> ModboxClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool. Runtimes from :meth:`runtime` close on their own."""
-        await self._http.aclose()
 
     def _headers(self, *, workspace: bool = True) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -336,7 +315,7 @@ class ModboxClient:
             api_key,
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
-            max_attempts=self._policy.max_attempts,
+            max_attempts=self._requester.policy.max_attempts,
             transport=self._transport,
             on_retry=self._on_retry,
         )
@@ -346,8 +325,6 @@ class ModboxClient:
         try:
             return SandboxInfo.from_json(data)
         except ValueError as exc:
-            raise ApiError(
-                f"{what} failed: the answer carries no sandbox id",
-                status_code=response.status_code,
-                code="invalid_response",
+            raise invalid_response(
+                response, f"{what} failed: the answer carries no sandbox id"
             ) from exc

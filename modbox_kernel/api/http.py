@@ -2,9 +2,10 @@
 
 :class:`Requester` is shared plumbing for
 :class:`~modbox_kernel.api.client.ModboxClient` (control plane) and
-:class:`~modbox_kernel.api.runtime.SandboxRuntime` (exec / upload). Each of them owns
-one ``httpx.AsyncClient`` (kept alive across calls: a fresh TCP connection per exec
-would dominate its latency) and one ``Requester`` around it.
+:class:`~modbox_kernel.api.runtime.SandboxRuntime` (exec / upload). Both subclass
+:class:`KeepAliveClient`, which owns one ``httpx.AsyncClient`` (kept alive across
+calls: a fresh TCP connection per exec would dominate its latency) and one
+``Requester`` around it, and closes them as an async context manager.
 
 Every answer is logged at DEBUG as method, path, status and duration, never headers,
 query strings or bodies: headers carry bearer tokens and bodies carry cell source.
@@ -17,7 +18,8 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import httpx
 
@@ -32,9 +34,17 @@ from modbox_kernel.errors import (
 )
 
 from .retry import RetryMode, RetryPolicy, parse_retry_after
-from .urls import redact_url
+from .urls import redact_url, trust_env_for
 
-__all__ = ["USER_AGENT", "Requester", "RetryCallback", "RetryNotice", "parse_json_object"]
+__all__ = [
+    "USER_AGENT",
+    "KeepAliveClient",
+    "Requester",
+    "RetryCallback",
+    "RetryNotice",
+    "invalid_response",
+    "parse_json_object",
+]
 
 logger = logging.getLogger("modbox_kernel.api")
 
@@ -51,14 +61,24 @@ def parse_json_object(
         data = None
     if not isinstance(data, dict):
         snippet = " ".join(response.text.split())[:120]
-        raise ApiError(
+        raise invalid_response(
+            response,
             f"{what} failed: the answer (HTTP {response.status_code}) is not a JSON "
             f"object: {snippet!r}",
-            status_code=response.status_code,
-            code="invalid_response",
             hint=hint,
         )
     return data
+
+
+def invalid_response(
+    response: httpx.Response, message: str, *, hint: str | None = None
+) -> ApiError:
+    """The error for an answer whose body is not what the route documents.
+
+    Returned, not raised, so that a caller can write ``raise invalid_response(...) from
+    exc`` and keep the parse error that proved it in the traceback.
+    """
+    return ApiError(message, status_code=response.status_code, code="invalid_response", hint=hint)
 
 
 def _envelope_retryable(response: httpx.Response) -> bool | None:
@@ -298,3 +318,70 @@ class Requester:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+_Self = TypeVar("_Self", bound="KeepAliveClient")
+
+
+class KeepAliveClient:
+    """One keep-alive ``httpx.AsyncClient`` and the :class:`Requester` around it.
+
+    Base of ``ModboxClient`` and ``SandboxRuntime``: each passes the words its
+    messages use (``service``, the hints) and its ``secrets``; subclasses send through
+    ``self._requester`` and read the timeouts back for calls of their own. Usable as
+    ``async with``; :meth:`aclose` closes the connection pool. ``base_url`` is empty
+    for the runtime, whose URLs are absolute (they come from the sandbox record).
+    ``transport`` exists so tests can plug in ``httpx.MockTransport``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        base_url: str = "",
+        connect_timeout: float,
+        read_timeout: float,
+        max_attempts: int,
+        transport: httpx.AsyncBaseTransport | None,
+        on_retry: RetryCallback | None,
+        service: str,
+        unreachable_hint: str,
+        timeout_hint: str,
+        status_hints: Mapping[int, str],
+        secrets: Iterable[str | None],
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            transport=transport,
+            # Proxies apply to where the requests go (``url``), decided once here.
+            trust_env=trust_env_for(url),
+        )
+        self._requester = Requester(
+            self._http,
+            RetryPolicy(max_attempts=max(1, max_attempts)),
+            service=service,
+            unreachable_hint=unreachable_hint,
+            timeout_hint=timeout_hint,
+            status_hints=status_hints,
+            secrets=secrets,
+            on_retry=on_retry,
+        )
+
+    async def __aenter__(self: _Self) -> _Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close this object's connection pool (and only its own)."""
+        await self._http.aclose()

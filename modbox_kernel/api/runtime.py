@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from modbox_kernel.errors import ApiError, AuthenticationError
+from modbox_kernel.errors import AuthenticationError
 
-from .http import USER_AGENT, Requester, RetryCallback, parse_json_object
+from .http import KeepAliveClient, RetryCallback, invalid_response, parse_json_object
 from .models import ExecResult, SandboxInfo
-from .retry import RetryMode, RetryPolicy
-from .urls import exec_url, redact_url, trust_env_for, upload_url
+from .retry import RetryMode
+from .urls import exec_url, redact_url, upload_url
 
 __all__ = ["SandboxRuntime"]
 
@@ -37,7 +36,7 @@ _RUNTIME_401_HINT = (
 )
 
 
-class SandboxRuntime:
+class SandboxRuntime(KeepAliveClient):
     """Exec and upload against one sandbox's runtime API.
 
     ``exec`` is never repeated after the request may have reached the sandbox (only a
@@ -62,16 +61,13 @@ class SandboxRuntime:
         # Issued token first: it is what current Modbox checks; SANDBOX_API_KEY is
         # what the older guides describe (modbox-api.md §b.2).
         self._tokens = [t for t in dict.fromkeys((info.access_token, api_key)) if t]
-        self._read_timeout = read_timeout
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+        super().__init__(
+            self.exec_url,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
             transport=transport,
-            trust_env=trust_env_for(self.exec_url),
-        )
-        self._requester = Requester(
-            self._http,
-            RetryPolicy(max_attempts=max(1, max_attempts)),
+            on_retry=on_retry,
             service="the sandbox runtime API",
             unreachable_hint="the sandbox may have stopped, or its runtime URL is not "
             "reachable from this machine",
@@ -79,7 +75,6 @@ class SandboxRuntime:
             "or restarted",
             status_hints={401: _RUNTIME_401_HINT},
             secrets=self._tokens,
-            on_retry=on_retry,
         )
 
     def __repr__(self) -> str:
@@ -87,21 +82,6 @@ class SandboxRuntime:
             f"SandboxRuntime(sandbox_id={self.info.id!r}, exec_url={redact_url(self.exec_url)!r}, "
             f"credentials={len(self._tokens)})"
         )
-
-    async def __aenter__(self) -> SandboxRuntime:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close this runtime's connection pool."""
-        await self._http.aclose()
 
     async def exec(
         self, command: str, *, timeout: float | None = None, read_timeout: float | None = None
@@ -127,10 +107,9 @@ class SandboxRuntime:
         try:
             return ExecResult.from_json(data)
         except ValueError as exc:
-            raise ApiError(
+            raise invalid_response(
+                response,
                 f"{what} failed: the answer is not an exec result ({exc})",
-                status_code=response.status_code,
-                code="invalid_response",
                 hint="the sandbox image may not run the Modbox runtime API",
             ) from exc
 
