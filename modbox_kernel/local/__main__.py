@@ -116,7 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-mib", type=int, default=2048, help="memory limit (MiB, cgroup; default 2048)"
     )
     limits.add_argument(
-        "--cpus", type=float, default=1.0, help="CPU quota in CPUs (cgroup; 0 = none; default 1)"
+        "--cpus",
+        type=float,
+        default=0.0,
+        help="hard CPU quota in CPUs (cgroup; default 0: none, sandboxes share the CPUs "
+        "fairly, one cgroup each)",
     )
     limits.add_argument(
         "--cpu-seconds",

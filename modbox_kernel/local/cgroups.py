@@ -13,8 +13,10 @@ sandbox as a whole. Each sandbox gets a child of the cgroup the service itself r
 (never one higher up: a sandbox must stay inside whatever limits the service was
 given). cgroup v1 (separate ``memory``, ``pids`` and ``cpu`` hierarchies) and v2 (when
 the controllers can be enabled for our children) are supported; with neither writable
-the service runs without and says so. The CPU quota is optional: without a writable
-``cpu`` controller sandboxes share the CPUs by the scheduler's default weights.
+the service runs without and says so. With a writable ``cpu`` controller every sandbox
+is one scheduling entity of equal weight, so a sandbox running 500 busy processes gets
+no more CPU than one running a single loop (fair share); a hard quota (``--cpus``) is
+optional, because on a small host it costs interactive latency (CFS throttling).
 
 All functions are blocking file-system calls; callers run them in a worker thread.
 """
@@ -106,8 +108,8 @@ class CgroupManager:
     pids_base: Path | None
     memory_limit: int
     pids_limit: int
-    cpu_base: Path | None = None
-    cpus: float = 0.0  # CPU quota in CPUs; 0 = no quota
+    cpu_base: Path | None = None  # a cpu cgroup per sandbox: equal weight (fair share)
+    cpus: float = 0.0  # CPU quota in CPUs on top of that; 0 = no quota
 
     @property
     def enforces_memory(self) -> bool:
@@ -119,6 +121,7 @@ class CgroupManager:
 
     @property
     def enforces_cpu(self) -> bool:
+        """A hard CPU quota is in force (not only the fair share)."""
         return self.cpu_base is not None and self.cpus > 0
 
     @property
@@ -132,6 +135,8 @@ class CgroupManager:
             parts.append(f"pids {self.pids_limit}")
         if self.enforces_cpu:
             parts.append(f"cpu {self.cpus:g} CPU")
+        elif self.cpu_base is not None:
+            parts.append("cpu fair share")
         return f"cgroup {self.version}: " + ", ".join(parts)
 
     def create(self, sandbox_id: str) -> SandboxCgroup | None:
@@ -159,7 +164,7 @@ class CgroupManager:
                     pids_dir.mkdir()
                     dirs.append(pids_dir)
                     (pids_dir / "pids.max").write_text(str(self.pids_limit))
-                if self.cpu_base is not None and self.cpus > 0:
+                if self.cpu_base is not None:
                     d = self.cpu_base / name
                     d.mkdir()
                     dirs.append(d)
@@ -191,7 +196,7 @@ def detect(memory_limit: int, pids_limit: int, cpus: float = 0.0) -> CgroupManag
         return none
     memory_v1 = _v1_base(mounts, own, "memory")
     pids_v1 = _v1_base(mounts, own, "pids")
-    cpu_v1 = _v1_base(mounts, own, "cpu") if cpus > 0 else None
+    cpu_v1 = _v1_base(mounts, own, "cpu")
     if memory_v1 is not None or pids_v1 is not None:
         manager = CgroupManager("v1", memory_v1, pids_v1, memory_limit, pids_limit, cpu_v1, cpus)
         if _probe(manager):
@@ -202,7 +207,7 @@ def detect(memory_limit: int, pids_limit: int, cpus: float = 0.0) -> CgroupManag
                 return manager
     v2 = _v2_base(mounts, own)
     if v2 is not None:
-        v2_cpu = v2 if cpus > 0 and "cpu" in _v2_enabled(v2) else None
+        v2_cpu = v2 if "cpu" in _v2_enabled(v2) else None
         manager = CgroupManager("v2", v2, v2, memory_limit, pids_limit, v2_cpu, cpus)
         if _probe(manager):
             return manager
@@ -226,6 +231,8 @@ def _write_v1_memory(d: Path, limit: int) -> None:
 
 
 def _write_v1_cpu(d: Path, cpus: float) -> None:
+    if cpus <= 0:
+        return  # fair share only: the default cpu.shares, like every other sandbox
     period = 100_000
     (d / "cpu.cfs_period_us").write_text(str(period))
     (d / "cpu.cfs_quota_us").write_text(str(max(1000, int(cpus * period))))

@@ -180,6 +180,8 @@ def _cgroup_values(dirs: tuple[Any, ...]) -> dict[str, str]:
         "cpu.cfs_quota_us",
         "cpu.cfs_period_us",
         "cpu.max",
+        "cpu.shares",
+        "cpu.weight",
     )
     for d in dirs:
         for name in names:
@@ -296,12 +298,18 @@ def _report(
         )
     )
     cpus = _cpu_quota(cg)
+    weighted = "cpu.shares" in cg or "cpu.weight" in cg
     if cpus is not None:
         lines.append(Line(True, f"CPU: quota {cpus:g} CPU per sandbox (cgroup)"))
-    else:
+    elif weighted:
         lines.append(
-            Line(None if lim.cpus <= 0 else False, "CPU: no quota (the scheduler shares CPUs)")
+            Line(
+                lim.cpus <= 0,  # a quota was asked for but is not there
+                "CPU: fair share (one cgroup per sandbox, equal weight); no quota",
+            )
         )
+    else:
+        lines.append(Line(False, "CPU: no cpu cgroup (shared per process, not per sandbox)"))
     cpu_time = rl.get("Max cpu time", "?")
     lines.append(
         Line(

@@ -40,7 +40,9 @@ class Limits:
     workspace_size: int = 1 * GIB  # tmpfs /workspace under bwrap (RAM, counts as memory)
     memory: int = 2 * GIB  # cgroup memory limit (where cgroups are writable)
     address_space: int = 16 * GIB  # RLIMIT_AS fallback when no memory cgroup is usable
-    cpus: float = 1.0  # cgroup CPU quota, in CPUs (where the cpu controller is writable)
+    # Hard CPU quota in CPUs (cgroup). Off by default: each sandbox is its own cpu cgroup
+    # of equal weight anyway (fair share), and a quota costs interactive latency.
+    cpus: float = 0.0
     cpu_time: int = 0  # RLIMIT_CPU seconds per process; 0 = off (the agent is long-lived)
     nproc: int = 512  # cgroup pids.max and RLIMIT_NPROC (processes and threads)
     nofile: int = 4096  # RLIMIT_NOFILE
