@@ -3,9 +3,11 @@
 Who calls what: ``tests/test_kernel_*.py`` and ``tests/test_notebooks_*.py`` import this
 module. They build the environment a kernel is launched with (:func:`service_env` to
 reuse the session's shared local Modbox service, :func:`embedded_env` to make the kernel
-start its own), start kernels through jupyter_client (:func:`start_kernel`), run cells
-while recording when each IOPub message arrived (:func:`run_cell`), run whole notebooks
-through nbclient (:func:`execute_notebook`) and reduce notebook outputs to a form in which
+start its own), start kernels through jupyter_client (:func:`start_kernel`, or
+:func:`running_kernel` for a module's warmed-up kernel), run cells while recording when
+each IOPub message arrived (:func:`run_cell`; :func:`submit` and :func:`pump` for a cell
+the test acts on while it runs), run whole notebooks through nbclient
+(:func:`execute_notebook`) and reduce notebook outputs to a form in which
 ``modbox-python`` and the stock ``python3`` kernel must agree (:func:`normalise_notebook`).
 The leak tests use :func:`list_sandboxes` and :func:`sandbox_processes`.
 
@@ -20,13 +22,15 @@ import os
 import queue
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nbformat
+import psutil
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
@@ -44,6 +48,15 @@ _MODBOX_VARS = ("MODBOX_API_URL", "MODBOX_API_TOKEN", "MODBOX_BACKEND")
 
 def is_modbox(kernel_name: str = KERNEL_NAME) -> bool:
     return kernel_name != REFERENCE_KERNEL
+
+
+def only_modbox(why: str) -> pytest.MarkDecorator:
+    """Skip when a debugging run (``MODBOX_TEST_KERNEL=python3``) tests the stock kernel.
+
+    ``why`` says what the stock kernel lacks; CI never sets the variable, so these
+    tests always run there.
+    """
+    return pytest.mark.skipif(not is_modbox(), reason=f"MODBOX_TEST_KERNEL={KERNEL_NAME}: {why}")
 
 
 # --------------------------------------------------------------------------- environments
@@ -102,6 +115,39 @@ def stop_kernel(km: KernelManager, kc: BlockingKernelClient) -> None:
 
 
 @dataclass
+class Kernel:
+    """A started kernel: its manager (interrupts, restarts, the pid) and its client."""
+
+    km: KernelManager
+    kc: BlockingKernelClient
+
+    @property
+    def process(self) -> psutil.Process:
+        """The kernel process jupyter_client started (the floods test reads its RSS)."""
+        pid = self.km.provisioner.pid  # type: ignore[union-attr]
+        assert pid is not None
+        return psutil.Process(pid)
+
+
+@contextmanager
+def running_kernel(
+    kernel_name: str, env: Mapping[str, str], warm: str = "import time"
+) -> Iterator[Kernel]:
+    """A started kernel that has run ``warm``; stopped on exit.
+
+    For module-scoped fixtures: the first cell waits for the sandbox, so it is run
+    here, where its time counts against no test's figures.
+    """
+    km, kc = start_kernel(kernel_name, env)
+    try:
+        first = run_cell(kc, warm, timeout=STARTUP_TIMEOUT)
+        assert first.status == "ok", first.describe()
+        yield Kernel(km, kc)
+    finally:
+        stop_kernel(km, kc)
+
+
+@dataclass
 class CellRun:
     """Everything one execute_request produced, with arrival times (time.monotonic)."""
 
@@ -111,6 +157,10 @@ class CellRun:
     reply_at: float = 0.0
     outputs: list[dict[str, Any]] = field(default_factory=list)
     output_times: list[float] = field(default_factory=list)
+    # True once IOPub said "idle" for this request: every output of it has been seen.
+    idle: bool = False
+    # The stdin channel's input_request messages, when pump() was asked to read them.
+    input_requests: list[dict[str, Any]] = field(default_factory=list)
 
     def stream_text(self, name: str) -> str:
         return "".join(
@@ -145,44 +195,82 @@ class CellRun:
         return "\n".join(parts)
 
 
-def run_cell(kc: BlockingKernelClient, code: str, timeout: float = 60.0) -> CellRun:
-    """Execute ``code`` and collect its outputs until both reply and idle have arrived.
+def submit(kc: BlockingKernelClient, code: str, *, allow_stdin: bool | None = None) -> CellRun:
+    """Send an execute_request and return at once; :func:`pump` collects what it produces.
 
-    Both channels are polled in one loop (rather than reading IOPub to idle and then
-    the reply) so that the recorded arrival time of every message is when it actually
-    reached this process; the streaming test compares those times.
+    ``allow_stdin=None`` leaves jupyter_client's default (the client's ``allow_stdin``).
     """
-    run = CellRun(msg_id=kc.execute(code, allow_stdin=False), sent_at=time.monotonic())
-    deadline = run.sent_at + timeout
-    idle = False
-    while not (idle and run.reply):
+    return CellRun(msg_id=kc.execute(code, allow_stdin=allow_stdin), sent_at=time.monotonic())
+
+
+def pump(
+    kc: BlockingKernelClient,
+    run: CellRun,
+    until: Callable[[], bool],
+    timeout: float,
+    *,
+    stdin: bool = False,
+) -> bool:
+    """Collect ``run``'s messages until ``until()`` holds (True) or ``timeout`` s pass (False).
+
+    The shell and IOPub channels (and, with ``stdin``, the stdin channel) are polled in
+    one loop rather than one after the other, so that the recorded arrival time of
+    every message is when it actually reached this process; the streaming, interrupt
+    and flood tests compare those times. Messages of other requests are dropped.
+    """
+    deadline = time.monotonic() + timeout
+    while not until():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"cell did not finish within {timeout} s; so far:\n{run.describe()}")
+            return False
         got = False
-        if not run.reply:
-            try:
-                reply = kc.get_shell_msg(timeout=0)
-            except queue.Empty:
-                pass
-            else:
-                got = True
-                if reply["parent_header"].get("msg_id") == run.msg_id:
-                    run.reply, run.reply_at = reply, time.monotonic()
-        try:
-            msg = kc.get_iopub_msg(timeout=0.005)
-        except queue.Empty:
-            msg = None
-        if msg is not None:
+        if stdin and (request := _next(kc.get_stdin_msg)) is not None:
+            got = True
+            if request["parent_header"].get("msg_id") == run.msg_id:
+                run.input_requests.append(request)
+        if not run.reply and (reply := _next(kc.get_shell_msg)) is not None:
+            got = True
+            if reply["parent_header"].get("msg_id") == run.msg_id:
+                run.reply, run.reply_at = reply, time.monotonic()
+        # The only blocking read, and a short one: it paces the loop while idle.
+        if (msg := _next(kc.get_iopub_msg, 0.005)) is not None:
             got = True
             if msg["parent_header"].get("msg_id") == run.msg_id:
                 kind = msg["msg_type"]
                 if kind == "status":
-                    idle = idle or msg["content"]["execution_state"] == "idle"
+                    run.idle = run.idle or msg["content"]["execution_state"] == "idle"
                 elif kind != "execute_input":
                     run.outputs.append(msg)
                     run.output_times.append(time.monotonic())
         if not got:
             time.sleep(0.002)
+    return True
+
+
+def _next(get: Callable[..., dict[str, Any]], timeout: float = 0) -> dict[str, Any] | None:
+    """One message from a channel's ``get_*_msg``, or None when none came in ``timeout``."""
+    try:
+        return get(timeout=timeout)
+    except queue.Empty:
+        return None
+
+
+def run_cell(kc: BlockingKernelClient, code: str, timeout: float = 60.0) -> CellRun:
+    """Execute ``code`` (stdin not allowed) and collect until both reply and idle arrived."""
+    run = submit(kc, code, allow_stdin=False)
+    if not pump(kc, run, lambda: run.idle and bool(run.reply), timeout):
+        raise TimeoutError(f"cell did not finish within {timeout} s; so far:\n{run.describe()}")
+    return run
+
+
+def start_cell(kc: BlockingKernelClient, code: str, marker: str, timeout: float = 60) -> CellRun:
+    """Send ``code`` and return once its stdout shows ``marker``.
+
+    Tests that interrupt, flood or cut off a cell use it, so that the cell is really
+    running in the sandbox (not still queued or provisioning) when they act.
+    """
+    run = submit(kc, code)
+    started = pump(kc, run, lambda: marker in run.stdout, timeout)
+    assert started, f"the cell did not print {marker!r} within {timeout} s:\n{run.describe()}"
     return run
 
 

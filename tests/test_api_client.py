@@ -14,9 +14,9 @@ import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
+from kernel_helpers import sandbox_processes
 
 from modbox_kernel.api import ModboxClient, SandboxInfo, SandboxRuntime
 from modbox_kernel.errors import AuthenticationError, NotFoundError
@@ -55,22 +55,6 @@ async def start_sandbox(client: ModboxClient) -> AsyncIterator[StartSandbox]:
         if runtime is not None:
             await runtime.aclose()
         await client.destroy_sandbox(sandbox_id)
-
-
-def host_pids_of(sandbox_id: str) -> list[int]:
-    """Host pids whose environment carries MODBOX_SANDBOX_ID=<id> (set in every sandbox)."""
-    marker = f"MODBOX_SANDBOX_ID={sandbox_id}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # exited meanwhile, or a kernel thread
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
 
 
 async def test_health(client: ModboxClient) -> None:
@@ -131,14 +115,14 @@ async def test_background_process_survives_between_execs_and_dies_on_destroy(
     assert seen.exit_code == 0, seen.stderr
     assert seen.stdout.strip() == "sleep 300"
 
-    assert host_pids_of(info.id), "the sandbox's processes should be visible on the host"
+    assert sandbox_processes([info.id]), "the sandbox's processes should be visible on the host"
     assert await client.destroy_sandbox(info.id) is True
     for _ in range(50):
-        left = host_pids_of(info.id)
+        left = sandbox_processes([info.id])
         if not left:
             break
         await asyncio.sleep(0.1)
-    assert left == [], f"processes of sandbox {info.id} still alive after destroy: {left}"
+    assert left == {}, f"processes of sandbox {info.id} still alive after destroy: {left}"
 
 
 async def test_runtime_works_with_only_the_api_key(

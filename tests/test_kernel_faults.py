@@ -35,20 +35,15 @@ from jupyter_client.manager import KernelManager
 from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
-    is_modbox,
+    only_modbox,
+    pump,
     run_cell,
+    running_kernel,
     service_env,
-    start_kernel,
-    stop_kernel,
+    start_cell,
 )
-from test_kernel_interrupt import pump
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(
-        not is_modbox(), reason=f"MODBOX_TEST_KERNEL={KERNEL_NAME} does not talk to Modbox"
-    ),
-]
+pytestmark = [pytest.mark.kernel, only_modbox("it does not talk to Modbox")]
 
 NUMBERS = 1000
 COUNTED_CELL = (
@@ -114,13 +109,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             parts = urlsplit(service.base_url)
             assert parts.hostname is not None and parts.port is not None
             proxy.upstream = (parts.hostname, parts.port)
-            km, kc = start_kernel(KERNEL_NAME, service_env(proxy.url, service.token))
-            try:
-                warm = run_cell(kc, "executions = 0", timeout=120)
-                assert warm.status == "ok", warm.describe()
-                yield Setup(proxy, service, km, kc)
-            finally:
-                stop_kernel(km, kc)
+            env = service_env(proxy.url, service.token)
+            with running_kernel(KERNEL_NAME, env, warm="executions = 0") as kernel:
+                yield Setup(proxy, service, kernel.km, kernel.kc)
         finally:
             stop_local_service_process(service.process)
 
@@ -137,10 +128,21 @@ def env(setup: Setup) -> Iterator[Setup]:
     setup.proxy.come_back()
 
 
-def run_counted(s: Setup, rule: Rule, timeout: float = 120) -> CellRun:
+def run_counted(s: Setup, rule: Rule, what: str, timeout: float = 120) -> CellRun:
+    """Run the counted cell with ``rule`` choosing faults; check it ran and printed once.
+
+    The figures (``pytest -s``) are printed before the checks, so a failure shows them.
+    """
     s.proxy.decide = rule
     run = run_cell(s.kc, COUNTED_CELL, timeout=timeout)
     s.proxy.decide = lambda request: None
+    gaps = [b - a for a, b in zip(run.output_times, run.output_times[1:], strict=False)]
+    print(
+        f"\n{what}: the cell took {run.reply_at - run.sent_at:.2f} s, longest silence "
+        f"between outputs {max(gaps, default=0.0):.2f} s; injected "
+        f"{dict(s.proxy.injected)}; agent requests {rule.seen}"
+    )
+    check_exactly_once(s, run)
     return run
 
 
@@ -172,9 +174,8 @@ def test_runtime_traffic_goes_through_the_proxy(env: Setup) -> None:
     assert info["capabilities"]["exec"].startswith(env.proxy.url + "/")
 
     rule = Rule(lambda op, n: None)
-    run = run_counted(env, rule)
+    run_counted(env, rule, "no faults")
 
-    check_exactly_once(env, run)
     assert rule.seen.get("execute") == 1 and rule.seen.get("poll", 0) >= 3, rule.seen
 
 
@@ -187,14 +188,8 @@ def test_connection_resets_mid_poll_lose_and_repeat_nothing(env: Setup) -> None:
         # answer never arrives, or arrives half.
         return {0: Fault("reset"), 1: Fault("cut")}.get(n % 3)
 
-    rule = Rule(plan)
-    run = run_counted(env, rule)
+    run_counted(env, Rule(plan), "resets mid-poll")
 
-    print(
-        f"\nresets mid-poll: {dict(env.proxy.injected)} over {rule.seen.get('poll')} polls, "
-        f"cell took {run.reply_at - run.sent_at:.2f} s"
-    )
-    check_exactly_once(env, run)
     assert env.proxy.injected["reset"] >= 3 and env.proxy.injected["cut"] >= 3
 
 
@@ -203,9 +198,8 @@ def test_a_reset_after_the_submit_does_not_run_the_cell_twice(env: Setup) -> Non
     # The first execute reaches the agent, which starts the cell; its answer is lost,
     # so the kernel must resend it, and the agent must not run the code again.
     rule = Rule(lambda op, n: Fault("reset") if op == "execute" and n == 1 else None)
-    run = run_counted(env, rule)
+    run_counted(env, rule, "reset after the submit")
 
-    check_exactly_once(env, run)
     assert env.proxy.injected["reset"] == 1
     assert rule.seen["execute"] >= 2, rule.seen
 
@@ -219,27 +213,16 @@ def test_bursts_of_503_lose_and_repeat_nothing(env: Setup) -> None:
             return Fault("status", status=503)
         return None
 
-    rule = Rule(plan)
-    run = run_counted(env, rule)
+    run_counted(env, Rule(plan), "503 bursts")
 
-    print(
-        f"\n503 bursts: {env.proxy.injected['status']} injected, "
-        f"cell took {run.reply_at - run.sent_at:.2f} s"
-    )
-    check_exactly_once(env, run)
     assert env.proxy.injected["status"] >= 11
 
 
 @pytest.mark.timeout(180)
 def test_stalled_responses_delay_but_lose_nothing(env: Setup) -> None:
     rule = Rule(lambda op, n: Fault("stall", seconds=1.5) if op == "poll" and n % 3 == 0 else None)
-    run = run_counted(env, rule)
+    run_counted(env, rule, "polls stalled for 1.5 s")
 
-    print(
-        f"\nstalled polls: {env.proxy.injected['stall']} held for 1.5 s, "
-        f"cell took {run.reply_at - run.sent_at:.2f} s"
-    )
-    check_exactly_once(env, run)
     assert env.proxy.injected["stall"] >= 2
 
 
@@ -248,15 +231,8 @@ def test_a_poll_answer_that_never_comes(env: Setup) -> None:
     # Held far beyond the kernel's read timeout: the kernel must give up on that
     # request, poll again from its cursor, and still deliver everything once.
     rule = Rule(lambda op, n: Fault("stall", seconds=120) if op == "poll" and n == 3 else None)
-    run = run_counted(env, rule, timeout=150)
+    run_counted(env, rule, "poll held forever", timeout=150)
 
-    gaps = [b - a for a, b in zip(run.output_times, run.output_times[1:], strict=False)]
-    longest = max(gaps, default=0.0)
-    print(
-        f"\npoll held forever: the cell took {run.reply_at - run.sent_at:.2f} s; "
-        f"longest silence between outputs {longest:.2f} s"
-    )
-    check_exactly_once(env, run)
     assert env.proxy.injected["stall"] == 1
 
 
@@ -264,8 +240,7 @@ def test_a_poll_answer_that_never_comes(env: Setup) -> None:
 def test_an_unreachable_service_ends_the_cell_with_a_sentence(env: Setup) -> None:
     assert run_cell(env.kc, "kept = 'still here'").status == "ok"
     code = "import time\nprint('before', flush=True)\ntime.sleep(3)\nprint('after')"
-    run = CellRun(msg_id=env.kc.execute(code), sent_at=time.monotonic())
-    assert pump(env.kc, run, lambda: "before" in run.stdout, 60), run.describe()
+    run = start_cell(env.kc, code, "before")
 
     env.proxy.go_down()
     down_at = time.monotonic()

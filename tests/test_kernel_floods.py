@@ -19,30 +19,24 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psutil
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager
 from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
+    Kernel,
     env_for_kernel,
-    is_modbox,
+    only_modbox,
+    pump,
     run_cell,
-    start_kernel,
-    stop_kernel,
+    running_kernel,
+    start_cell,
 )
-from test_kernel_interrupt import pump
 
 pytestmark = [
     pytest.mark.kernel,
-    pytest.mark.skipif(
-        not is_modbox(),
-        reason=f"MODBOX_TEST_KERNEL={KERNEL_NAME}: the output cap and coalescing under test "
-        "are modbox kernel features",
-    ),
+    only_modbox("the output cap and coalescing under test are modbox kernel features"),
 ]
 
 MIB = 1024 * 1024
@@ -54,41 +48,17 @@ MSG_RATE_LIMIT = 1000
 NOTICE = "[Modbox: output of this cell truncated after"
 
 
-@dataclass
-class Kernel:
-    km: KernelManager
-    kc: BlockingKernelClient
-
-    @property
-    def process(self) -> psutil.Process:
-        pid = self.km.provisioner.pid  # type: ignore[union-attr]
-        assert pid is not None
-        return psutil.Process(pid)
-
-
-def _start(request: pytest.FixtureRequest, **env: str) -> Kernel:
-    km, kc = start_kernel(KERNEL_NAME, {**env_for_kernel(request), **env})
-    warm = run_cell(kc, "import time", timeout=120)
-    assert warm.status == "ok", warm.describe()
-    return Kernel(km, kc)
-
-
 @pytest.fixture(scope="module")
 def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    k = _start(request)
-    try:
+    with running_kernel(KERNEL_NAME, env_for_kernel(request)) as k:
         yield k
-    finally:
-        stop_kernel(k.km, k.kc)
 
 
 @pytest.fixture(scope="module")
 def small_cap_kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    k = _start(request, MODBOX_OUTPUT_LIMIT=str(SMALL_LIMIT))
-    try:
+    env = {**env_for_kernel(request), "MODBOX_OUTPUT_LIMIT": str(SMALL_LIMIT)}
+    with running_kernel(KERNEL_NAME, env) as k:
         yield k
-    finally:
-        stop_kernel(k.km, k.kc)
 
 
 class PeakRss:
@@ -157,8 +127,7 @@ def test_a_50_mb_print_is_capped_in_bounded_time_and_memory(kernel: Kernel) -> N
 def test_an_endless_print_loop_is_interruptible_and_rate_limited(kernel: Kernel) -> None:
     assert run_cell(kernel.kc, "survivor = 'yes'").status == "ok"
     code = "while True:\n    print('x' * 100)"
-    run = CellRun(msg_id=kernel.kc.execute(code), sent_at=time.monotonic())
-    assert pump(kernel.kc, run, lambda: "x" * 100 in run.stdout, 60), run.describe()
+    run = start_cell(kernel.kc, code, "x" * 100)
     pump(kernel.kc, run, lambda: False, 3.0)  # let it flood for ~3 s
 
     sent = time.monotonic()

@@ -21,23 +21,22 @@ measured from the interrupt call to the arrival of the execute_reply and printed
 
 from __future__ import annotations
 
-import queue
 import signal
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager
 from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
+    Kernel,
     env_for_kernel,
     is_modbox,
+    only_modbox,
+    pump,
     run_cell,
-    start_kernel,
-    stop_kernel,
+    running_kernel,
+    start_cell,
 )
 
 pytestmark = pytest.mark.kernel
@@ -64,69 +63,13 @@ SWALLOW_CELL = (
     "        pass\n"
 )
 
-only_modbox = pytest.mark.skipif(
-    not is_modbox(),
-    reason=f"MODBOX_TEST_KERNEL={KERNEL_NAME}: escalation restarts the sandbox's Python, "
-    "which only modbox kernels have",
-)
-
-
-@dataclass
-class Kernel:
-    km: KernelManager
-    kc: BlockingKernelClient
+escalation = only_modbox("escalation restarts the sandbox's Python, which only modbox kernels have")
 
 
 @pytest.fixture(scope="module")
 def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    km, kc = start_kernel(KERNEL_NAME, env_for_kernel(request))
-    try:
-        warm = run_cell(kc, "import time", timeout=120)
-        assert warm.status == "ok", warm.describe()
-        yield Kernel(km, kc)
-    finally:
-        stop_kernel(km, kc)
-
-
-def pump(kc: BlockingKernelClient, run: CellRun, until: Callable[[], bool], timeout: float) -> bool:
-    """Collect ``run``'s messages (as ``run_cell`` does) until ``until()`` or timeout."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            return False
-        got = False
-        if not run.reply:
-            try:
-                reply = kc.get_shell_msg(timeout=0)
-            except queue.Empty:
-                pass
-            else:
-                got = True
-                if reply["parent_header"].get("msg_id") == run.msg_id:
-                    run.reply, run.reply_at = reply, time.monotonic()
-        try:
-            msg = kc.get_iopub_msg(timeout=0.005)
-        except queue.Empty:
-            msg = None
-        if msg is not None:
-            got = True
-            if msg["parent_header"].get("msg_id") == run.msg_id and msg["msg_type"] not in (
-                "status",
-                "execute_input",
-            ):
-                run.outputs.append(msg)
-                run.output_times.append(time.monotonic())
-        if not got:
-            time.sleep(0.002)
-    return True
-
-
-def start_cell(kernel: Kernel, code: str) -> CellRun:
-    """Send ``code`` and return once it has printed the STARTED marker."""
-    run = CellRun(msg_id=kernel.kc.execute(code), sent_at=time.monotonic())
-    started = pump(kernel.kc, run, lambda: STARTED in run.stdout, timeout=60)
-    assert started, f"the cell did not start:\n{run.describe()}"
-    return run
+    with running_kernel(KERNEL_NAME, env_for_kernel(request)) as k:
+        yield k
 
 
 def interrupt(kernel: Kernel, mode: str) -> float:
@@ -139,10 +82,12 @@ def interrupt(kernel: Kernel, mode: str) -> float:
     return sent
 
 
-def finish(kernel: Kernel, run: CellRun, timeout: float) -> CellRun:
+def finish(kernel: Kernel, run: CellRun, sent: float, timeout: float) -> float:
+    """Wait for the interrupted cell's reply, an error; the seconds since ``sent``."""
     done = pump(kernel.kc, run, lambda: bool(run.reply), timeout)
     assert done, f"no execute_reply within {timeout} s of the interrupt:\n{run.describe()}"
-    return run
+    assert run.reply["content"]["status"] == "error", run.describe()
+    return run.reply_at - sent
 
 
 def errors(run: CellRun) -> list[dict[str, str]]:
@@ -164,16 +109,13 @@ def test_the_kernelspec_asks_for_message_interrupts(kernel: Kernel) -> None:
 def test_interrupt_ends_the_cell_and_keeps_state(kernel: Kernel, mode: str, code: str) -> None:
     kept = run_cell(kernel.kc, f"kept = {mode!r} * 2")
     assert kept.status == "ok", kept.describe()
-    run = start_cell(kernel, code)
+    run = start_cell(kernel.kc, code, STARTED)
     time.sleep(0.3)  # let the cell settle into its sleep / loop
 
-    sent = interrupt(kernel, mode)
-    finish(kernel, run, timeout=30)
+    latency = finish(kernel, run, interrupt(kernel, mode), timeout=30)
 
-    latency = run.reply_at - sent
     print(f"\n{mode} interrupt of {code.splitlines()[-1].strip()!r}: reply after {latency:.3f} s")
     content = run.reply["content"]
-    assert content["status"] == "error", run.describe()
     assert content["ename"] == "KeyboardInterrupt", run.describe()
     assert [e["ename"] for e in errors(run)] == ["KeyboardInterrupt"], run.describe()
     assert latency < INTERRUPT_LIMIT, f"interrupt took {latency:.2f} s:\n{run.describe()}"
@@ -183,7 +125,7 @@ def test_interrupt_ends_the_cell_and_keeps_state(kernel: Kernel, mode: str, code
     assert after.stdout == f"{mode * 2}\n", "the namespace did not survive the interrupt"
 
 
-@only_modbox
+@escalation
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["message", "signal"])
 def test_a_cell_that_swallows_the_interrupt_is_ended_by_escalation(
@@ -191,15 +133,12 @@ def test_a_cell_that_swallows_the_interrupt_is_ended_by_escalation(
 ) -> None:
     before = run_cell(kernel.kc, "doomed = 1")
     assert before.status == "ok", before.describe()
-    run = start_cell(kernel, SWALLOW_CELL)
+    run = start_cell(kernel.kc, SWALLOW_CELL, STARTED)
 
-    sent = interrupt(kernel, mode)
-    finish(kernel, run, timeout=60)
+    latency = finish(kernel, run, interrupt(kernel, mode), timeout=60)
 
-    latency = run.reply_at - sent
     print(f"\n{mode} interrupt of a cell that swallows it: ended after {latency:.2f} s")
     content = run.reply["content"]
-    assert content["status"] == "error", run.describe()
     assert "lost" in content["evalue"], f"the error does not say state was lost: {content}"
     shown = errors(run)
     assert len(shown) == 1 and "lost" in shown[0]["evalue"], run.describe()
@@ -214,19 +153,16 @@ def test_a_cell_that_swallows_the_interrupt_is_ended_by_escalation(
     assert gone.stdout == "False\n", gone.describe()
 
 
-@only_modbox
+@escalation
 @pytest.mark.timeout(120)
 def test_a_second_interrupt_escalates_at_once(kernel: Kernel) -> None:
-    run = start_cell(kernel, SWALLOW_CELL)
+    run = start_cell(kernel.kc, SWALLOW_CELL, STARTED)
 
     interrupt(kernel, "message")
     time.sleep(0.3)
-    second = interrupt(kernel, "message")
-    finish(kernel, run, timeout=60)
+    latency = finish(kernel, run, interrupt(kernel, "message"), timeout=60)
 
-    latency = run.reply_at - second
     print(f"\nsecond interrupt: cell ended {latency:.2f} s after it")
-    assert run.reply["content"]["status"] == "error", run.describe()
     assert "lost" in run.reply["content"]["evalue"], run.describe()
     assert latency < SECOND_INTERRUPT_LIMIT, (
         f"the cell ended {latency:.2f} s after the second interrupt: that is the grace "

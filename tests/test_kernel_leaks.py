@@ -30,18 +30,13 @@ from kernel_helpers import (
     STARTUP_TIMEOUT,
     embedded_env,
     env_for_kernel,
-    is_modbox,
     list_sandboxes,
+    only_modbox,
     sandbox_processes,
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(
-        not is_modbox(), reason=f"MODBOX_TEST_KERNEL={KERNEL_NAME} has no sandboxes to leak"
-    ),
-]
+pytestmark = [pytest.mark.kernel, only_modbox("it has no sandboxes to leak")]
 
 KERNELS = 20
 AT_ONCE = 4

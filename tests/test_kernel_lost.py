@@ -30,23 +30,19 @@ from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
     execute_notebook,
-    is_modbox,
     list_sandboxes,
+    only_modbox,
+    pump,
     run_cell,
+    running_kernel,
     sandbox_processes,
     service_env,
-    start_kernel,
-    stop_kernel,
+    start_cell,
+    submit,
     wait_until,
 )
-from test_kernel_interrupt import pump
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(
-        not is_modbox(), reason=f"MODBOX_TEST_KERNEL={KERNEL_NAME} has no sandbox to lose"
-    ),
-]
+pytestmark = [pytest.mark.kernel, only_modbox("it has no sandbox to lose")]
 
 # Issue 4: the running cell ends with an error within this time of the loss.
 LOSS_LIMIT = 5.0
@@ -57,13 +53,9 @@ LONG_CELL = f"import time\nprint({RUNNING!r}, flush=True)\ntime.sleep(60)\nprint
 
 @pytest.fixture(scope="module")
 def kc(local_service: LocalService) -> Iterator[BlockingKernelClient]:
-    km, client = start_kernel(KERNEL_NAME, service_env(local_service.base_url, local_service.token))
-    try:
-        warm = run_cell(client, "import time", timeout=120)
-        assert warm.status == "ok", warm.describe()
-        yield client
-    finally:
-        stop_kernel(km, client)
+    env = service_env(local_service.base_url, local_service.token)
+    with running_kernel(KERNEL_NAME, env) as kernel:
+        yield kernel.kc
 
 
 def current_sandbox(kc: BlockingKernelClient) -> str:
@@ -83,12 +75,6 @@ def agent_pids(sandbox_id: str) -> list[int]:
         if "modbox-agent-" in cmdline:
             pids.append(pid)
     return pids
-
-
-def start_long_cell(kc: BlockingKernelClient) -> CellRun:
-    run = CellRun(msg_id=kc.execute(LONG_CELL), sent_at=time.monotonic())
-    assert pump(kc, run, lambda: RUNNING in run.stdout, 60), run.describe()
-    return run
 
 
 def check_lost_cell(kc: BlockingKernelClient, run: CellRun, lost_at: float, what: str) -> None:
@@ -126,7 +112,7 @@ def check_next_cell(kc: BlockingKernelClient, old_sandbox: str) -> None:
 def test_agent_killed_during_a_cell(kc: BlockingKernelClient) -> None:
     assert run_cell(kc, "x = 1").status == "ok"
     sandbox = current_sandbox(kc)
-    run = start_long_cell(kc)
+    run = start_cell(kc, LONG_CELL, RUNNING)
     agents = agent_pids(sandbox)
     assert len(agents) == 1, f"expected one agent process in {sandbox}, found {agents}"
 
@@ -145,7 +131,7 @@ def test_sandbox_destroyed_during_a_cell(
     sandbox = current_sandbox(kc)
     listed = {s["id"]: s for s in list_sandboxes(local_service.base_url, local_service.token)}
     assert listed[sandbox]["name"].startswith("modbox-kernel-"), listed[sandbox]
-    run = start_long_cell(kc)
+    run = start_cell(kc, LONG_CELL, RUNNING)
 
     with local_service.client() as control:
         response = control.delete(f"/sandboxes/{sandbox}")
@@ -173,7 +159,7 @@ def test_a_cell_that_kills_its_own_python(kc: BlockingKernelClient, how: str, de
     assert run_cell(kc, "x = 1").status == "ok"
     sandbox = current_sandbox(kc)
     code = f"import time\nprint({RUNNING!r}, flush=True)\ntime.sleep({delay})\n" + SELF_KILLS[how]
-    run = CellRun(msg_id=kc.execute(code), sent_at=time.monotonic())
+    run = submit(kc, code)
 
     check_lost_cell(kc, run, run.sent_at + delay, f"a cell's {how} of its own Python")
     check_next_cell(kc, sandbox)
@@ -186,7 +172,7 @@ def test_lost_sandbox_is_not_left_running(
     # When only the agent dies the sandbox itself still runs; the kernel must not
     # abandon it there (it destroys it when it notices the loss).
     sandbox = current_sandbox(kc)
-    run = start_long_cell(kc)
+    run = start_cell(kc, LONG_CELL, RUNNING)
     psutil.Process(agent_pids(sandbox)[0]).kill()
     assert pump(kc, run, lambda: bool(run.reply), 60), run.describe()
 

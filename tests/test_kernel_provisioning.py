@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from kernel_helpers import (
-    is_modbox,
     list_sandboxes,
+    only_modbox,
     run_cell,
     service_env,
     start_kernel,
@@ -24,10 +24,7 @@ from kernel_helpers import (
     wait_until,
 )
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(not is_modbox(), reason="provisioning is specific to modbox-python"),
-]
+pytestmark = [pytest.mark.kernel, only_modbox("provisioning is specific to modbox-python")]
 
 
 def _free_port() -> int:

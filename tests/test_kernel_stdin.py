@@ -15,7 +15,6 @@ starts its own, as nbclient does.
 
 from __future__ import annotations
 
-import queue
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -26,16 +25,17 @@ from typing import Any
 import nbformat
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager
 from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
+    Kernel,
     env_for_kernel,
     execute_notebook,
     is_modbox,
+    pump,
     run_cell,
-    start_kernel,
-    stop_kernel,
+    running_kernel,
+    submit,
 )
 
 pytestmark = pytest.mark.kernel
@@ -46,19 +46,14 @@ STDIN_ERROR = "{} was called, but this frontend does not support input requests.
 
 
 @pytest.fixture(scope="module")
-def kernel(request: pytest.FixtureRequest) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
-    km, kc = start_kernel(KERNEL_NAME, env_for_kernel(request))
-    try:
-        warm = run_cell(kc, "import getpass, time", timeout=120)
-        assert warm.status == "ok", warm.describe()
-        yield km, kc
-    finally:
-        stop_kernel(km, kc)
+def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
+    with running_kernel(KERNEL_NAME, env_for_kernel(request), warm="import getpass, time") as k:
+        yield k
 
 
 @pytest.fixture
-def kc(kernel: tuple[KernelManager, BlockingKernelClient]) -> BlockingKernelClient:
-    return kernel[1]
+def kc(kernel: Kernel) -> BlockingKernelClient:
+    return kernel.kc
 
 
 class StdinCell:
@@ -66,47 +61,22 @@ class StdinCell:
 
     def __init__(self, kc: BlockingKernelClient, code: str) -> None:
         self.kc = kc
-        self.run = CellRun(msg_id=kc.execute(code, allow_stdin=True), sent_at=time.monotonic())
-        self.requests: list[dict[str, Any]] = []
+        self.run = submit(kc, code, allow_stdin=True)
 
     def pump(self, until: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        run = self.run
-        while not until():
-            if time.monotonic() > deadline:
-                return False
-            try:
-                req = self.kc.get_stdin_msg(timeout=0)
-            except queue.Empty:
-                pass
-            else:
-                if req["parent_header"].get("msg_id") == run.msg_id:
-                    self.requests.append(req)
-            if not run.reply:
-                try:
-                    reply = self.kc.get_shell_msg(timeout=0)
-                except queue.Empty:
-                    pass
-                else:
-                    if reply["parent_header"].get("msg_id") == run.msg_id:
-                        run.reply, run.reply_at = reply, time.monotonic()
-            try:
-                msg = self.kc.get_iopub_msg(timeout=0.005)
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") == run.msg_id and msg["msg_type"] not in (
-                "status",
-                "execute_input",
-            ):
-                run.outputs.append(msg)
-                run.output_times.append(time.monotonic())
-        return True
+        return pump(self.kc, self.run, until, timeout, stdin=True)
 
     def wait_for_prompt(self, count: int = 1) -> dict[str, Any]:
-        got = self.pump(lambda: len(self.requests) >= count, timeout=60)
+        got = self.pump(lambda: len(self.run.input_requests) >= count, timeout=60)
         assert got, f"no input_request arrived:\n{self.run.describe()}"
-        content: dict[str, Any] = self.requests[count - 1]["content"]
+        content: dict[str, Any] = self.run.input_requests[count - 1]["content"]
         return content
+
+    def answer(self, value: str, count: int = 1) -> dict[str, Any]:
+        """Type ``value`` at the ``count``-th prompt; returns that input_request's content."""
+        prompt = self.wait_for_prompt(count)
+        self.kc.input(value)
+        return prompt
 
     def finish(self, timeout: float = 60) -> CellRun:
         done = self.pump(lambda: bool(self.run.reply), timeout)
@@ -120,10 +90,7 @@ class StdinCell:
 @pytest.mark.timeout(120)
 def test_input_round_trip(kc: BlockingKernelClient) -> None:
     cell = StdinCell(kc, "name = input('Your name: ')\nprint(f'hello {name}!')")
-    prompt = cell.wait_for_prompt()
-    assert prompt == {"prompt": "Your name: ", "password": False}
-
-    kc.input("Ada Lovelace 🐍 `$(x)`")
+    assert cell.answer("Ada Lovelace 🐍 `$(x)`") == {"prompt": "Your name: ", "password": False}
     run = cell.finish()
 
     assert run.status == "ok", run.describe()
@@ -136,10 +103,8 @@ def test_input_round_trip(kc: BlockingKernelClient) -> None:
 @pytest.mark.timeout(120)
 def test_two_prompts_in_one_cell(kc: BlockingKernelClient) -> None:
     cell = StdinCell(kc, "a = input('a? ')\nb = input('b? ')\nprint(int(a) * int(b))")
-    assert cell.wait_for_prompt(1)["prompt"] == "a? "
-    kc.input("6")
-    assert cell.wait_for_prompt(2)["prompt"] == "b? "
-    kc.input("7")
+    assert cell.answer("6", 1)["prompt"] == "a? "
+    assert cell.answer("7", 2)["prompt"] == "b? "
     run = cell.finish()
     assert run.status == "ok", run.describe()
     assert run.stdout.endswith("42\n"), run.describe()
@@ -148,10 +113,7 @@ def test_two_prompts_in_one_cell(kc: BlockingKernelClient) -> None:
 @pytest.mark.timeout(120)
 def test_getpass_asks_for_a_password(kc: BlockingKernelClient) -> None:
     cell = StdinCell(kc, "secret = getpass.getpass('Token: ')\nprint(len(secret), secret[::-1])")
-    prompt = cell.wait_for_prompt()
-    assert prompt == {"prompt": "Token: ", "password": True}
-
-    kc.input("s3cr3t")
+    assert cell.answer("s3cr3t") == {"prompt": "Token: ", "password": True}
     run = cell.finish()
 
     assert run.status == "ok", run.describe()
@@ -161,10 +123,8 @@ def test_getpass_asks_for_a_password(kc: BlockingKernelClient) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["message", "signal"])
-def test_interrupting_a_pending_input(
-    kernel: tuple[KernelManager, BlockingKernelClient], mode: str
-) -> None:
-    km, kc = kernel
+def test_interrupting_a_pending_input(kernel: Kernel, mode: str) -> None:
+    km, kc = kernel.km, kernel.kc
     assert run_cell(kc, f"survivor = {mode!r}").status == "ok"
     cell = StdinCell(kc, "answer = input('never answered: ')\nprint('not reached')")
     cell.wait_for_prompt()

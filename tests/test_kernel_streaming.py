@@ -19,21 +19,17 @@ from collections.abc import Iterator
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from kernel_helpers import KERNEL_NAME, env_for_kernel, run_cell, start_kernel, stop_kernel
+from kernel_helpers import KERNEL_NAME, env_for_kernel, run_cell, running_kernel
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
 def kc(request: pytest.FixtureRequest) -> Iterator[BlockingKernelClient]:
-    km, client = start_kernel(KERNEL_NAME, env_for_kernel(request))
-    try:
-        # The first cell waits for the sandbox; keep that out of the timings below.
-        warm = run_cell(client, "import time", timeout=120)
-        assert warm.status == "ok", warm.describe()
-        yield client
-    finally:
-        stop_kernel(km, client)
+    # running_kernel runs the first cell, which waits for the sandbox, so that wait
+    # stays out of the timings below.
+    with running_kernel(KERNEL_NAME, env_for_kernel(request)) as kernel:
+        yield kernel.kc
 
 
 @pytest.mark.parametrize("flush", [True, False], ids=["flush", "no-flush"])
