@@ -208,7 +208,11 @@ def test_nbclient_completes_a_notebook_whose_sandbox_dies(
     old_sandbox = first.outputs[0]["text"].strip()
     kinds = [(o["output_type"], o.get("ename")) for o in dying.outputs]
     assert ("error", "SandboxLost") in kinds, dying.outputs
-    streams = {o["name"]: o["text"] for o in after.outputs if o["output_type"] == "stream"}
+    # A cell's stdout may arrive as several stream outputs (one per poll): join them.
+    streams: dict[str, str] = {}
+    for o in after.outputs:
+        if o["output_type"] == "stream":
+            streams[o["name"]] = streams.get(o["name"], "") + o["text"]
     lines = streams["stdout"].splitlines()
     assert lines[0] == "after False"
     assert lines[1] != old_sandbox
