@@ -124,6 +124,22 @@ class AgentUnderTest:
         assert [e["type"] for e in events].count("done") == 1
         return events
 
+    def resume(self, cid: str, resp: dict[str, Any], **poll: Any) -> list[dict[str, Any]]:
+        """The events after ``resp`` (an answer that did not end cell ``cid``), to ``done``."""
+        since = resp["next"]
+        first = self.request({"op": "poll", "id": cid, "since": since, **poll})
+        return self.collect(cid, first, since=since)
+
+    def until_input_request(
+        self, cid: str, resp: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Poll on from ``resp`` until cell ``cid`` asks for input: (last answer, events)."""
+        events = list(resp["events"])
+        while not of_type(events, "input_request"):
+            resp = self.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+            events += resp["events"]
+        return resp, events
+
     def stop(self) -> None:
         pid = self.info.get("pid")
         if os.path.exists(os.path.join(self.state_dir, "port")):
@@ -341,16 +357,11 @@ def test_input_round_trip(both: AgentUnderTest) -> None:
     cid = payload["id"]
     resp = both.request(payload)
     assert not resp["done"]
-    events = resp["events"]
-    while not of_type(events, "input_request"):
-        resp = both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
-        events += resp["events"]
+    resp, events = both.until_input_request(cid, resp)
     (req,) = of_type(events, "input_request")
     assert req["prompt"] == "name? " and req["password"] is False
     assert both.request({"op": "input_reply", "id": cid, "value": "Ada"}) == {"ok": True}
-    events += both.collect(
-        cid, both.request({"op": "poll", "id": cid, "since": resp["next"]}), since=resp["next"]
-    )
+    events += both.resume(cid, resp)
     assert stdout_of(events) == "hello Ada\n"
     assert events[-1]["status"] == "ok"
 
@@ -430,11 +441,7 @@ def test_interrupt_stops_a_sleeping_cell_and_keeps_the_namespace(both: AgentUnde
     assert not resp["done"]
     started = time.monotonic()
     assert both.request({"op": "interrupt", "id": cid}) == {"ok": True, "delivered": True}
-    events = resp["events"] + both.collect(
-        cid,
-        both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 5.0}),
-        since=resp["next"],
-    )
+    events = resp["events"] + both.resume(cid, resp, wait=5.0)
     assert time.monotonic() - started < 3
     assert stdout_of(events) == "sleeping\n"
     assert [e["ename"] for e in of_type(events, "error")] == ["KeyboardInterrupt"]
@@ -451,11 +458,7 @@ def test_interrupt_reaches_a_child_process(both: AgentUnderTest) -> None:
     time.sleep(0.3)  # let the child start
     started = time.monotonic()
     assert both.request({"op": "interrupt", "id": cid})["delivered"] is True
-    events = resp["events"] + both.collect(
-        cid,
-        both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 5.0}),
-        since=resp["next"],
-    )
+    events = resp["events"] + both.resume(cid, resp, wait=5.0)
     assert time.monotonic() - started < 3
     assert stdout_of(events) == "after\n"
 
@@ -481,11 +484,7 @@ def test_interrupt_ends_an_input_wait(both: AgentUnderTest) -> None:
     resp = both.request(payload)
     assert of_type(resp["events"], "input_request")
     assert both.request({"op": "interrupt", "id": cid})["delivered"] is True
-    events = resp["events"] + both.collect(
-        cid,
-        both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 5.0}),
-        since=resp["next"],
-    )
+    events = resp["events"] + both.resume(cid, resp, wait=5.0)
     assert [e["ename"] for e in of_type(events, "error")] == ["KeyboardInterrupt"]
     assert stdout_of(both.execute("print('alive')")) == "alive\n"
 
@@ -665,11 +664,7 @@ def test_getpass_is_a_password_request(ipy: AgentUnderTest) -> None:
     code = "import getpass\nsecret = getpass.getpass('pw: ')\nprint(len(secret))"
     payload = ipy.execute_payload(code, allow_stdin=True)
     cid = payload["id"]
-    resp = ipy.request(payload)
-    events = resp["events"]
-    while not of_type(events, "input_request"):
-        resp = ipy.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
-        events += resp["events"]
+    resp, events = ipy.until_input_request(cid, ipy.request(payload))
     assert of_type(events, "input_request")[0] == {
         "seq": of_type(events, "input_request")[0]["seq"],
         "type": "input_request",
@@ -677,9 +672,7 @@ def test_getpass_is_a_password_request(ipy: AgentUnderTest) -> None:
         "password": True,
     }
     ipy.request({"op": "input_reply", "id": cid, "value": "hunter2"})
-    events += ipy.collect(
-        cid, ipy.request({"op": "poll", "id": cid, "since": resp["next"]}), since=resp["next"]
-    )
+    events += ipy.resume(cid, resp)
     assert stdout_of(events) == "7\n"
 
 

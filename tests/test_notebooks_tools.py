@@ -53,6 +53,25 @@ def _run(
     )
 
 
+def _papermill(
+    args: Sequence[str], env: Mapping[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """``papermill -k <kernel under test> … <args>``, as a batch job would call it."""
+    return _run(
+        [
+            "papermill",
+            "-k",
+            KERNEL_NAME,
+            "--start-timeout",
+            str(STARTUP_TIMEOUT),
+            "--no-progress-bar",
+            *args,
+        ],
+        env,
+        cwd,
+    )
+
+
 def _explain(proc: subprocess.CompletedProcess[str]) -> str:
     return (
         f"exit {proc.returncode}\n"
@@ -138,23 +157,8 @@ def test_jupyter_execute_batch(request: pytest.FixtureRequest, tmp_path: Path) -
 
 def test_papermill_injects_parameters(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     out_path = tmp_path / "batch-out.ipynb"
-    proc = _run(
-        [
-            "papermill",
-            "-k",
-            KERNEL_NAME,
-            "--start-timeout",
-            str(STARTUP_TIMEOUT),
-            "--no-progress-bar",
-            "-p",
-            "n",
-            "5",
-            "-p",
-            "label",
-            "nightly",
-            str(NOTEBOOKS / "batch.ipynb"),
-            str(out_path),
-        ],
+    proc = _papermill(
+        ["-p", "n", "5", "-p", "label", "nightly", str(NOTEBOOKS / "batch.ipynb"), str(out_path)],
         env_for_kernel(request),
         cwd=tmp_path,
     )
@@ -186,20 +190,7 @@ def test_papermill_reports_a_failing_cell(request: pytest.FixtureRequest, tmp_pa
     in_path, out_path = tmp_path / "failing.ipynb", tmp_path / "failing-out.ipynb"
     nbformat.write(nb, in_path)
 
-    proc = _run(
-        [
-            "papermill",
-            "-k",
-            KERNEL_NAME,
-            "--start-timeout",
-            str(STARTUP_TIMEOUT),
-            "--no-progress-bar",
-            str(in_path),
-            str(out_path),
-        ],
-        env_for_kernel(request),
-        cwd=tmp_path,
-    )
+    proc = _papermill([str(in_path), str(out_path)], env_for_kernel(request), cwd=tmp_path)
     assert proc.returncode != 0, _explain(proc)
     assert "PapermillExecutionError" in proc.stderr, _explain(proc)
     assert "planned failure in a batch run" in proc.stderr, _explain(proc)
