@@ -580,6 +580,27 @@ def _make_ipython_runner(agent: Agent) -> Runner:
             # Any: IPython's attributes are Optional in its hints but always set here.
             self.shell: Any = AgentShell.instance()
             self._init_like_kernelapp()
+            self._warm_up_tracebacks()
+
+        def _warm_up_tracebacks(self) -> None:
+            """Format one traceback now, before the first cell.
+
+            The first traceback of a process imports and primes IPython's formatter
+            (stack_data, pygments); done lazily, that cost (up to seconds on a loaded
+            host) would land on the user's first interrupt or error.
+            """
+            source = "def _modbox_warm_up():\n    raise KeyboardInterrupt\n_modbox_warm_up()\n"
+            try:
+                filename = self.shell.compile.cache(source, 0)
+                exec(compile(source, filename, "exec"), {})
+            except KeyboardInterrupt:
+                etype, evalue, tb = sys.exc_info()
+                try:
+                    self.shell.InteractiveTB.structured_traceback(etype, evalue, tb)
+                except Exception:  # only an optimisation
+                    log.debug("traceback warm-up failed", exc_info=True)
+            except Exception:
+                log.debug("traceback warm-up failed", exc_info=True)
 
         def _init_like_kernelapp(self) -> None:
             """What IPKernelApp adds around its shell: default extension, startup files."""
