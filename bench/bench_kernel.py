@@ -21,6 +21,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from jupyter_client.manager import KernelManager
@@ -36,18 +37,25 @@ def pct(values: list[float], q: float) -> float:
     return values[k]
 
 
+def iopub_of(kc: Any, msg_id: str, timeout: float) -> Iterator[tuple[dict, float]]:
+    """IOPub messages of request ``msg_id`` up to its idle status, with arrival times.
+
+    The arrival time is ``time.time()`` (the host clock the sandbox prints too).
+    """
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        now = time.time()
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        yield msg, now
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return
+
+
 def run_cell(kc: Any, code: str, timeout: float = 60.0) -> tuple[float, list[dict], dict]:
     """Execute and wait for idle; return (seconds, iopub messages, reply)."""
     t0 = time.perf_counter()
-    msg_id = kc.execute(code)
-    msgs = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
+    msgs = [msg for msg, _ in iopub_of(kc, kc.execute(code), timeout)]
     elapsed = time.perf_counter() - t0
     reply = kc.get_shell_msg(timeout=timeout)
     return elapsed, msgs, reply
@@ -72,19 +80,12 @@ def stream_latencies(kc: Any, lines: int = 40, interval: float = 0.05) -> list[f
         "    print(f'T{time.time():.6f}', flush=True)\n"
         f"    time.sleep({interval})\n"
     )
-    msg_id = kc.execute(code)
     lat: list[float] = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=60)
-        now = time.time()
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
+    for msg, now in iopub_of(kc, kc.execute(code), 60):
         if msg["msg_type"] == "stream":
             for line in msg["content"]["text"].splitlines():
                 if line.startswith("T"):
                     lat.append(now - float(line[1:]))
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
     kc.get_shell_msg(timeout=60)
     return lat
 
