@@ -177,12 +177,17 @@ def test_a_seventh_sandbox_answers_within_two_seconds_while_six_misbehave(
             destroy_sandbox(sandbox)
         destroyed_in = time.monotonic() - started
     assert destroyed_in < 30, destroyed_in
-    assert [processes_in_pid_namespace(ns) for ns in namespaces] == [set()] * len(namespaces)
+
+    def leftovers() -> set[int]:
+        found = set().union(*(processes_in_pid_namespace(ns) for ns in namespaces))
+        return found | (processes_of_uid(SANDBOX_UID) if os.geteuid() == 0 else set())
+
+    # Processes killed on a loaded host may take a moment to finish exiting (see
+    # test_adversarial); what is still there 2 s on is a leak.
+    deadline = time.monotonic() + 2
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftovers() == set()
     for sandbox in everyone:
         assert sandbox_cgroup_dirs(crowded_service.pid, sandbox.id) == []
-    if os.geteuid() == 0:
-        deadline = time.monotonic() + 2  # orphaned zombies: see test_adversarial
-        while processes_of_uid(SANDBOX_UID) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert processes_of_uid(SANDBOX_UID) == set()
     assert not list(Path("/tmp").glob("fill*"))
