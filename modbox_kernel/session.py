@@ -64,6 +64,9 @@ MIN_STREAM_INTERVAL = 0.02
 # How long transient transport faults (resets, 5xx, stalls) are retried while a cell
 # runs before the cell fails with a sentence.
 TRANSPORT_RETRY_WINDOW = 30.0
+# How long to wait for the service to record why a sandbox died before saying only
+# that its Python process is gone.
+LOSS_DIAGNOSIS_WAIT = 1.5
 
 
 @dataclass
@@ -538,18 +541,29 @@ class SandboxSession:
             raise SandboxLostError(cause) from exc
 
     async def _diagnose_loss(self, sandbox: _Sandbox) -> str:
+        """Ask the control plane what happened to a sandbox that stopped answering."""
         client = self._client
         if client is None:
             return "the sandbox is gone"
-        try:
-            detail = await client.get_sandbox(sandbox.info.id)
-        except NotFoundError:
-            return "the sandbox no longer exists (destroyed or expired)"
-        except ModboxError:
-            return "the sandbox stopped answering"
-        if detail.status == "destroyed":
-            return "the sandbox was destroyed (it may have reached its TTL or been deleted)"
-        return "the Python process in the sandbox died (killed, or out of memory)"
+        # The agent can die a moment before the service records why (an OOM kill, a
+        # process limit); give it a short while to say so.
+        deadline = time.monotonic() + LOSS_DIAGNOSIS_WAIT
+        while True:
+            try:
+                detail = await client.get_sandbox(sandbox.info.id)
+            except NotFoundError:
+                return "the sandbox no longer exists (destroyed or expired)"
+            except ModboxError:
+                return "the sandbox stopped answering"
+            if detail.status == "destroyed":
+                # The service may say why (out of memory, process limit, TTL, deleted).
+                reason = detail.raw.get("error")
+                if isinstance(reason, str) and reason.strip():
+                    return f"the sandbox was destroyed: {reason.strip().rstrip('.')}"
+                return "the sandbox was destroyed (it may have reached its TTL or been deleted)"
+            if time.monotonic() >= deadline:
+                return "the Python process in the sandbox died (killed, or out of memory)"
+            await asyncio.sleep(0.2)
 
     def _forget(self, sandbox: _Sandbox, cause: str) -> None:
         if self._sandbox is sandbox:

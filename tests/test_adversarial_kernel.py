@@ -6,8 +6,7 @@ user sees (the reply and the error output) and what the service recorded as the 
 of a lost sandbox (``GET /sandboxes/{id}`` → ``error``), then that the kernel runs
 ``1+1`` in a fresh sandbox.
 
-The kernel's lost-sandbox message does not carry the service's cause yet (it says the
-sandbox "was destroyed"); the service's record does, and that is asserted here.
+The kernel's lost-sandbox message carries the service's cause; both are asserted.
 """
 
 from __future__ import annotations
@@ -87,12 +86,14 @@ def _then_one_plus_one(kc: BlockingKernelClient) -> None:
     assert results and results[0]["content"]["data"]["text/plain"] == "2", run.describe()
 
 
-def _assert_lost_sandbox(run: Any) -> None:
-    """The user's view of a lost sandbox: a SandboxLost error that says so."""
+def _assert_lost_sandbox(run: Any, *causes: str) -> None:
+    """The user's view of a lost sandbox: a SandboxLost error that says so and why."""
     assert run.status == "error", run.describe()
     (error,) = _errors(run)
     assert error["ename"] == "SandboxLost", run.describe()
     assert "sandbox" in error["evalue"] and "fresh sandbox" in error["evalue"], run.describe()
+    if causes:
+        assert any(c in error["evalue"] for c in causes), run.describe()
 
 
 def test_huge_allocation_is_a_memory_error(kc: BlockingKernelClient) -> None:
@@ -106,7 +107,7 @@ def test_filling_memory_loses_the_sandbox_and_the_service_names_the_cause(
     kc: BlockingKernelClient, tight_service: LocalService
 ) -> None:
     run = run_cell(kc, "b = [bytearray(10**6) for _ in range(10**4)]", timeout=120)
-    _assert_lost_sandbox(run)
+    _assert_lost_sandbox(run, f"out of memory (limit {MEMORY_MIB} MiB)")
     detail = _newest_destroyed(tight_service)
     assert detail["error"] == f"out of memory (limit {MEMORY_MIB} MiB)", detail
     _then_one_plus_one(kc)
@@ -125,13 +126,13 @@ def test_fork_bomb_ends_with_its_cause(
         # so the next command cannot start: the service ends the sandbox, saying so.
         run = run_cell(kc, "1+1", timeout=120)
         if run.status == "error":
-            _assert_lost_sandbox(run)
+            _assert_lost_sandbox(run, f"process limit reached ({PIDS}")
             cause = _newest_destroyed(tight_service)["error"]
             assert cause.startswith(f"process limit reached ({PIDS}"), cause
     else:
         # Usually: the copies exhausted memory on their way out, or no command could
         # start any more; either way the service ended the sandbox and says why.
-        _assert_lost_sandbox(run)
+        _assert_lost_sandbox(run, process_limit, f"process limit reached ({PIDS}")
         cause = _newest_destroyed(tight_service)["error"]
         assert process_limit in cause or cause.startswith(f"process limit reached ({PIDS}"), cause
     _then_one_plus_one(kc)
@@ -141,7 +142,7 @@ def test_killing_every_process_ends_with_its_cause(
     kc: BlockingKernelClient, tight_service: LocalService
 ) -> None:
     run = run_cell(kc, "import os\nos.kill(-1, 9)", timeout=120)
-    _assert_lost_sandbox(run)
+    _assert_lost_sandbox(run, "killed with SIGKILL (signal 9)")
     cause = _newest_destroyed(tight_service)["error"]
     assert "killed with SIGKILL (signal 9)" in cause and "os.kill(-1, 9)" in cause, cause
     _then_one_plus_one(kc)
