@@ -1033,6 +1033,7 @@ class Agent:
         self.jedi_warm_up: Optional[threading.Thread] = None
         self.io = OutputCapture(self, log_fd)
         self.main_ident = threading.get_ident()
+        self.pid = os.getpid()
         self.port = 0
         self.last_count = 0
         self._in_user_code = False
@@ -1259,6 +1260,16 @@ class Agent:
             except BaseException:
                 log.exception("could not record the error of cell %s", cell.id)
             done = {"status": "error", "user_expressions": {}, "payload": [], **err}
+        if os.getpid() != self.pid:
+            # A bare os.fork() in the cell: this is the child, which ran the rest of the
+            # cell as a copy of the agent. It must not become a second agent waiting for
+            # cells (holding process slots until the sandbox ends): it ends here, as a
+            # forked child of the stock kernel's cell would at the end of its code.
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(0)
         self._sigint_pending = False
         self.io.flush_c_stdio()
         self.io.drain()
