@@ -248,7 +248,6 @@ class ModboxKernel(Kernel):
         self._timed_out = limit
         self._on_interrupt()
 
-    # -- execute ----
     # -- execute --------------------------------------------------------------------
 
     async def do_execute(

@@ -67,6 +67,9 @@ TRANSPORT_RETRY_WINDOW = 30.0
 # How long to wait for the service to record why a sandbox died before saying only
 # that its Python process is gone.
 LOSS_DIAGNOSIS_WAIT = 1.5
+# A sandbox this close to its TTL (or 10 % of the TTL, if less) is replaced before the
+# next cell instead of being used until the reaper destroys it mid-cell.
+TTL_REPLACE_MARGIN = 10.0
 
 
 @dataclass
@@ -137,7 +140,13 @@ class SandboxSession:
 
     @property
     def ready(self) -> bool:
-        return self._sandbox is not None
+        return self._sandbox is not None and not self._expiring(self._sandbox)
+
+    def _expiring(self, sandbox: _Sandbox) -> bool:
+        """True when the sandbox's TTL runs out within the replacement margin."""
+        ttl = self.config.ttl_seconds
+        margin = min(TTL_REPLACE_MARGIN, 0.1 * ttl)
+        return time.monotonic() - sandbox.created >= ttl - margin
 
     @property
     def sandbox_id(self) -> str | None:
@@ -162,7 +171,17 @@ class SandboxSession:
             self._provisioning = asyncio.ensure_future(self._provision())
 
     async def ensure_ready(self) -> _Sandbox:
-        """Wait for the sandbox; after a failed attempt, the next call tries again."""
+        """Wait for the sandbox; after a failed attempt, the next call tries again.
+
+        A sandbox about to reach its TTL is replaced here, before a cell starts in it,
+        so the cell runs in a fresh sandbox (with the lost-state notice) instead of
+        failing half-way when the service's reaper strikes.
+        """
+        if self._sandbox is not None and self._expiring(self._sandbox):
+            self._forget(
+                self._sandbox,
+                f"the sandbox reached its time limit (TTL {self.config.ttl_seconds} s)",
+            )
         if self._sandbox is not None:
             return self._sandbox
         if self._closed:
@@ -256,6 +275,7 @@ class SandboxSession:
             state_dir=state_dir,
             agent_file=agent_file,
             agent_info=agent_info,
+            created=t0,  # no later than the service's own clock for its TTL
         )
         self._sandbox = sandbox
         log.info(
@@ -328,9 +348,9 @@ class SandboxSession:
         if left > max(60.0, 0.1 * ttl):
             return None
         self._ttl_warned = sandbox.info.id
-        minutes = max(0, int(left // 60))
+        when = f"{max(0, int(left))} s" if left < 120 else f"{int(left // 60)} min"
         return (
-            f"Modbox: this sandbox reaches its time limit (TTL {ttl} s) in about {minutes} min; "
+            f"Modbox: this sandbox reaches its time limit (TTL {ttl} s) in about {when}; "
             "after that the next cell starts in a fresh sandbox without the current variables "
             "and files. Raise MODBOX_TTL_SECONDS for longer sessions."
         )
