@@ -13,7 +13,14 @@ the test is skipped with the reason. (Under that variable the service itself ref
 to start without a working bwrap, so the failure shows up even earlier.)
 
 ``local_sandbox`` is one running sandbox shared by the service tests that do not
-need a fresh one (creating a sandbox is cheap, but not free).
+need a fresh one (creating a sandbox is cheap, but not free); ``fresh_sandbox`` is one
+of its own per test. ``canary`` is a module-wide random secret for the tests that plant
+one in a service's environment and look for it from inside a sandbox.
+
+Tests that need a service of their own (other limits, a canary, one they kill) use
+``running_local_service`` (started, and stopped on exit) and, when it only means
+something under bubblewrap, ``require_bwrap``; ``running_sandbox`` is a sandbox that
+is destroyed on exit.
 
 Host inspection for the isolation tests (``host_pids_of``, ``pid_namespace``,
 ``processes_in_pid_namespace``, ``processes_of_uid``, ``sandbox_cgroup_dirs``) reads
@@ -28,7 +35,9 @@ import selectors
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,26 +207,50 @@ def stop_local_service_process(process: subprocess.Popen[bytes], timeout: float 
         process.stdout.close()
 
 
-@pytest.fixture(scope="session")
-def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    service = start_local_service(tmp_path_factory.mktemp("local-service") / "service.log")
+@contextmanager
+def running_local_service(
+    log_path: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[LocalService]:
+    """:func:`start_local_service`, stopped on exit (a no-op if the test killed it)."""
+    service = start_local_service(log_path, *args, env=env)
     try:
         yield service
     finally:
         stop_local_service_process(service.process)
 
 
-@pytest.fixture
-def require_isolation(local_service: LocalService) -> None:
-    if local_service.isolation == "bwrap":
+def require_bwrap(service: LocalService, why: str) -> None:
+    """Fail (``MODBOX_REQUIRE_ISOLATION=1``) or skip, saying ``why``, unless bwrap isolates.
+
+    For tests whose checks mean nothing without the jail: in CI a service that fell
+    back to no isolation must be a failure, never a silent skip.
+    """
+    if service.isolation == "bwrap":
         return
-    reason = (
-        f"the local service runs with isolation={local_service.isolation!r} "
-        "(bubblewrap unusable on this machine)"
-    )
+    reason = f"the service runs with isolation={service.isolation!r}"
     if isolation_required():
         pytest.fail(f"MODBOX_REQUIRE_ISOLATION=1 but {reason}")
-    pytest.skip(f"{reason}; set MODBOX_REQUIRE_ISOLATION=1 to make this a failure")
+    pytest.skip(f"{reason}; {why}")
+
+
+@pytest.fixture(scope="session")
+def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    with running_local_service(tmp_path_factory.mktemp("local-service") / "service.log") as service:
+        yield service
+
+
+@pytest.fixture
+def require_isolation(local_service: LocalService) -> None:
+    require_bwrap(
+        local_service,
+        "bubblewrap is unusable on this machine; set MODBOX_REQUIRE_ISOLATION=1 "
+        "to make this a failure",
+    )
+
+
+@pytest.fixture(scope="module")
+def canary() -> str:
+    return f"canary-{uuid.uuid4().hex}"
 
 
 @dataclass
@@ -270,10 +303,23 @@ def destroy_sandbox(sandbox: LocalSandbox) -> None:
     sandbox.close()
 
 
-@pytest.fixture(scope="session")
-def local_sandbox(local_service: LocalService) -> Iterator[LocalSandbox]:
-    sandbox = create_sandbox(local_service, task_id=f"shared-{os.getpid()}")
+@contextmanager
+def running_sandbox(service: LocalService, **body: Any) -> Iterator[LocalSandbox]:
+    """:func:`create_sandbox`, destroyed on exit (destroying twice is harmless)."""
+    sandbox = create_sandbox(service, **body)
     try:
         yield sandbox
     finally:
         destroy_sandbox(sandbox)
+
+
+@pytest.fixture(scope="session")
+def local_sandbox(local_service: LocalService) -> Iterator[LocalSandbox]:
+    with running_sandbox(local_service, task_id=f"shared-{os.getpid()}") as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def fresh_sandbox(local_service: LocalService) -> Iterator[LocalSandbox]:
+    with running_sandbox(local_service) as sandbox:
+        yield sandbox

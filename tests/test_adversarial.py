@@ -35,15 +35,14 @@ from conftest import (
     LocalSandbox,
     LocalService,
     create_sandbox,
-    destroy_sandbox,
     host_pids_of,
-    isolation_required,
     pid_namespace,
     processes_in_pid_namespace,
     processes_of_uid,
+    require_bwrap,
+    running_local_service,
+    running_sandbox,
     sandbox_cgroup_dirs,
-    start_local_service,
-    stop_local_service_process,
 )
 
 pytestmark = [pytest.mark.isolation]
@@ -68,14 +67,7 @@ TIGHT_LIMITS = (
 )  # fmt: skip
 CANARY_ENV = "MODBOX_TEST_ADVERSARIAL_CANARY"
 RESPONSIVE_S = 2.0
-
-
-def _require_bwrap(service: LocalService) -> None:
-    if service.isolation != "bwrap":
-        message = f"the service runs with isolation={service.isolation!r} (no usable bwrap)"
-        if isolation_required():
-            pytest.fail(f"MODBOX_REQUIRE_ISOLATION=1 but {message}")
-        pytest.skip(f"{message}; set MODBOX_REQUIRE_ISOLATION=1 to make this a failure")
+NEEDS_BWRAP = "no usable bwrap; set MODBOX_REQUIRE_ISOLATION=1 to make this a failure"
 
 
 def _py(script: str) -> str:
@@ -96,43 +88,29 @@ class Tenant:
 
 
 @pytest.fixture(scope="module")
-def canary() -> str:
-    return f"canary-{uuid.uuid4().hex}"
-
-
-@pytest.fixture(scope="module")
 def hostile_service(
     tmp_path_factory: pytest.TempPathFactory, canary: str
 ) -> Iterator[LocalService]:
     env = {**os.environ, CANARY_ENV: canary, "MODBOX_LOCAL_TOKEN": f"token-{canary}"}
-    service = start_local_service(
-        tmp_path_factory.mktemp("adversarial") / "service.log", *TIGHT_LIMITS, env=env
-    )
-    try:
-        _require_bwrap(service)
+    log = tmp_path_factory.mktemp("adversarial") / "service.log"
+    with running_local_service(log, *TIGHT_LIMITS, env=env) as service:
+        require_bwrap(service, NEEDS_BWRAP)
         yield service
-    finally:
-        stop_local_service_process(service.process)
 
 
 @pytest.fixture(scope="module")
 def bystander(hostile_service: LocalService) -> Iterator[Tenant]:
     """Another student's sandbox, alive for the whole module, with files of its own."""
-    sandbox = create_sandbox(hostile_service, task_id="bystander")
-    try:
+    with running_sandbox(hostile_service, task_id="bystander") as sandbox:
         sandbox.exec("echo bystander-secret > homework.txt && echo bystander-tmp > /tmp/b.txt")
         yield Tenant(sandbox, pid_namespace(sandbox))
-    finally:
-        destroy_sandbox(sandbox)
 
 
 @pytest.fixture
 def victim(hostile_service: LocalService, bystander: Tenant) -> Iterator[Tenant]:
-    sandbox = create_sandbox(hostile_service)
-    try:
+    # Destroyed on exit too: idempotent, the test's baseline check did it already.
+    with running_sandbox(hostile_service) as sandbox:
         yield Tenant(sandbox, pid_namespace(sandbox))
-    finally:
-        destroy_sandbox(sandbox)  # idempotent; the test's baseline check did it already
 
 
 def assert_back_to_baseline(service: LocalService, bystander: Tenant, victim: Tenant) -> None:
@@ -510,12 +488,9 @@ def test_36_scratch_files_do_not_outlive_their_sandbox(
     marker = f"left-behind-{uuid.uuid4().hex}"
     victim.sandbox.exec(f"for d in /tmp /dev/shm /var/tmp .; do echo x > $d/{marker}; done")
     assert_back_to_baseline(hostile_service, bystander, victim)
-    successor = create_sandbox(hostile_service)
-    try:
+    with running_sandbox(hostile_service) as successor:
         found = successor.exec(f"ls /tmp/{marker} /dev/shm/{marker} /var/tmp/{marker} {marker}")
         assert found["exitCode"] != 0 and marker not in found["stdout"], found
-    finally:
-        destroy_sandbox(successor)
 
 
 # ---------------------------------------------------------- files API (19, 20)
@@ -828,53 +803,48 @@ def test_43_auto_without_usable_bwrap_says_so_loudly(tmp_path: Path) -> None:
     broken = tmp_path / "bwrap"
     broken.write_text('#!/bin/sh\nif [ "$1" = --help ]; then exec bwrap --help; fi\nexit 1\n')
     broken.chmod(0o755)
-    service = start_local_service(
+    with running_local_service(
         tmp_path / "service.log", "--bwrap", str(broken), env=_env_without_required_isolation()
-    )
-    try:
+    ) as service:
         assert service.isolation == "none"
         assert httpx.get(f"{service.base_url}/health").json()["isolation"] == "none"
         log = service.log_text()
         assert "!!! NO ISOLATION" in log and "isolation: none" in log
-    finally:
-        stop_local_service_process(service.process)
 
 
 def test_44_sigkill_of_the_service_mid_command_leaves_nothing(tmp_path: Path) -> None:
-    service = start_local_service(tmp_path / "first.log", *TIGHT_LIMITS)
-    _require_bwrap(service)
-    sandboxes = [create_sandbox(service) for _ in range(2)]
-    namespaces = [pid_namespace(s) for s in sandboxes]
-    for sandbox in sandboxes:
-        sandbox.exec("nohup sleep 300 >/dev/null 2>&1 & setsid sleep 301 >/dev/null 2>&1 &")
+    # Left by the kill below; stopped on exit only if the test fails before it.
+    with running_local_service(tmp_path / "first.log", *TIGHT_LIMITS) as service:
+        require_bwrap(service, NEEDS_BWRAP)
+        sandboxes = [create_sandbox(service) for _ in range(2)]
+        namespaces = [pid_namespace(s) for s in sandboxes]
+        for sandbox in sandboxes:
+            sandbox.exec("nohup sleep 300 >/dev/null 2>&1 & setsid sleep 301 >/dev/null 2>&1 &")
 
-    # A command is running (mid-cell) when the service dies.
-    def mid_cell() -> None:
-        with contextlib.suppress(httpx.TransportError):
-            sandboxes[0].post_exec("sleep 30")
+        # A command is running (mid-cell) when the service dies.
+        def mid_cell() -> None:
+            with contextlib.suppress(httpx.TransportError):
+                sandboxes[0].post_exec("sleep 30")
 
-    running = threading.Thread(target=mid_cell, daemon=True)
-    running.start()
-    time.sleep(0.5)
-    assert all(len(processes_in_pid_namespace(ns)) >= 4 for ns in namespaces)
-    state_line = next(ln for ln in service.log_text().splitlines() if "state dir " in ln)
-    state_dir = Path(state_line.split("state dir ", 1)[1].split(";", 1)[0])
-    os.kill(service.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    service.process.wait(10)
-    while time.monotonic() - killed_at < 1.0 and any(
-        processes_in_pid_namespace(ns) for ns in namespaces
-    ):
-        time.sleep(0.02)
-    assert [processes_in_pid_namespace(ns) for ns in namespaces] == [set(), set()]
-    assert time.monotonic() - killed_at < 1.0
-    for sandbox in sandboxes:
-        assert host_pids_of(sandbox.id) == set()
-        sandbox.close()
+        running = threading.Thread(target=mid_cell, daemon=True)
+        running.start()
+        time.sleep(0.5)
+        assert all(len(processes_in_pid_namespace(ns)) >= 4 for ns in namespaces)
+        state_line = next(ln for ln in service.log_text().splitlines() if "state dir " in ln)
+        state_dir = Path(state_line.split("state dir ", 1)[1].split(";", 1)[0])
+        os.kill(service.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        service.process.wait(10)
+        while time.monotonic() - killed_at < 1.0 and any(
+            processes_in_pid_namespace(ns) for ns in namespaces
+        ):
+            time.sleep(0.02)
+        assert [processes_in_pid_namespace(ns) for ns in namespaces] == [set(), set()]
+        assert time.monotonic() - killed_at < 1.0
+        for sandbox in sandboxes:
+            assert host_pids_of(sandbox.id) == set()
+            sandbox.close()
     # The next start reaps what the killed service could not remove.
-    successor = start_local_service(tmp_path / "second.log")
-    try:
+    with running_local_service(tmp_path / "second.log"):
         assert not state_dir.exists()
         assert all(sandbox_cgroup_dirs(service.pid, s.id) == [] for s in sandboxes)
-    finally:
-        stop_local_service_process(successor.process)

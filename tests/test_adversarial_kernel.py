@@ -20,13 +20,12 @@ import pytest
 from conftest import (
     LocalService,
     host_pids_of,
-    isolation_required,
     processes_of_uid,
-    start_local_service,
-    stop_local_service_process,
+    require_bwrap,
+    running_local_service,
 )
 from jupyter_client.blocking.client import BlockingKernelClient
-from kernel_helpers import KERNEL_NAME, is_modbox, run_cell, service_env, start_kernel, stop_kernel
+from kernel_helpers import KERNEL_NAME, is_modbox, run_cell, running_kernel, service_env
 
 pytestmark = [
     pytest.mark.isolation,
@@ -41,30 +40,23 @@ SANDBOX_UID = 64126
 
 @pytest.fixture(scope="module")
 def tight_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    service = start_local_service(
+    with running_local_service(
         tmp_path_factory.mktemp("hostile-cells") / "service.log",
         "--memory-mib", str(MEMORY_MIB),
         "--pids", str(PIDS),
         "--sandbox-uid", str(SANDBOX_UID),
-    )  # fmt: skip
-    try:
-        if service.isolation != "bwrap":
-            message = f"the service runs with isolation={service.isolation!r}"
-            if isolation_required():
-                pytest.fail(f"MODBOX_REQUIRE_ISOLATION=1 but {message}")
-            pytest.skip(f"{message}; these limits need bubblewrap and cgroups")
+    ) as service:  # fmt: skip
+        require_bwrap(service, "these limits need bubblewrap and cgroups")
         yield service
-    finally:
-        stop_local_service_process(service.process)
 
 
 @pytest.fixture(scope="module")
 def kc(tight_service: LocalService) -> Iterator[BlockingKernelClient]:
-    km, client = start_kernel(KERNEL_NAME, service_env(tight_service.base_url, tight_service.token))
-    try:
-        yield client
-    finally:
-        stop_kernel(km, client)
+    env = service_env(tight_service.base_url, tight_service.token)
+    # The warm-up cell runs in the sandbox the first hostile cell then uses, so the
+    # counts of lost sandboxes in the last test are not changed by it.
+    with running_kernel(KERNEL_NAME, env) as kernel:
+        yield kernel.kc
 
 
 def _errors(run: Any) -> list[dict[str, Any]]:

@@ -27,13 +27,12 @@ from conftest import (
     LocalService,
     create_sandbox,
     destroy_sandbox,
-    isolation_required,
     pid_namespace,
     processes_in_pid_namespace,
     processes_of_uid,
+    require_bwrap,
+    running_local_service,
     sandbox_cgroup_dirs,
-    start_local_service,
-    stop_local_service_process,
 )
 
 pytestmark = [pytest.mark.isolation]
@@ -100,16 +99,10 @@ LOADS = {
 
 @pytest.fixture(scope="module")
 def crowded_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
-    service = start_local_service(tmp_path_factory.mktemp("crowding") / "service.log", *LIMITS)
-    try:
-        if service.isolation != "bwrap":
-            message = f"the service runs with isolation={service.isolation!r}"
-            if isolation_required():
-                pytest.fail(f"MODBOX_REQUIRE_ISOLATION=1 but {message}")
-            pytest.skip(f"{message}; the crowding test needs bubblewrap's limits")
+    log = tmp_path_factory.mktemp("crowding") / "service.log"
+    with running_local_service(log, *LIMITS) as service:
+        require_bwrap(service, "the crowding test needs bubblewrap's limits")
         yield service
-    finally:
-        stop_local_service_process(service.process)
 
 
 def _start_load(sandbox: LocalSandbox, command: str) -> None:

@@ -24,11 +24,10 @@ from conftest import (
     LocalSandbox,
     LocalService,
     create_sandbox,
-    destroy_sandbox,
     host_pids_of,
-    isolation_required,
-    start_local_service,
-    stop_local_service_process,
+    require_bwrap,
+    running_local_service,
+    running_sandbox,
 )
 
 pytestmark = [pytest.mark.isolation, pytest.mark.usefixtures("require_isolation")]
@@ -37,33 +36,13 @@ CANARY_ENV = "MODBOX_TEST_CANARY_SECRET"
 SMALL_MEMORY_MIB = 256
 
 
-def _require_bwrap(service: LocalService) -> None:
-    if service.isolation != "bwrap":
-        message = f"service runs with isolation={service.isolation!r}"
-        if isolation_required():
-            pytest.fail(f"MODBOX_REQUIRE_ISOLATION=1 but {message}")
-        pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def canary() -> str:
-    return f"canary-{uuid.uuid4().hex}"
-
-
 @pytest.fixture(scope="module")
 def canary_service(tmp_path_factory: pytest.TempPathFactory, canary: str) -> Iterator[LocalService]:
     env = {**os.environ, CANARY_ENV: canary, "MODBOX_LOCAL_TOKEN": f"tok-{canary}"}
-    service = start_local_service(
-        tmp_path_factory.mktemp("canary-service") / "service.log",
-        "--memory-mib",
-        str(SMALL_MEMORY_MIB),
-        env=env,
-    )
-    try:
-        _require_bwrap(service)
+    log = tmp_path_factory.mktemp("canary-service") / "service.log"
+    with running_local_service(log, "--memory-mib", str(SMALL_MEMORY_MIB), env=env) as service:
+        require_bwrap(service, "the canary tests need bubblewrap")
         yield service
-    finally:
-        stop_local_service_process(service.process)
 
 
 def test_no_route_to_host_loopback_but_own_loopback_works(
@@ -153,21 +132,15 @@ def test_proc_lists_only_the_sandbox_processes(
 
 
 def test_tmp_is_private_to_each_sandbox(local_service: LocalService) -> None:
-    first = create_sandbox(local_service)
-    second = create_sandbox(local_service)
-    try:
+    with running_sandbox(local_service) as first, running_sandbox(local_service) as second:
         first.exec("echo mine > /tmp/private && echo mine > /dev/shm/private")
         check = second.exec("cat /tmp/private /dev/shm/private 2>&1")
         assert "mine" not in check["stdout"]
         assert first.exec("cat /tmp/private")["stdout"] == "mine\n"
-    finally:
-        destroy_sandbox(first)
-        destroy_sandbox(second)
 
 
 def test_service_environment_is_invisible_inside(canary_service: LocalService, canary: str) -> None:
-    sandbox = create_sandbox(canary_service)
-    try:
+    with running_sandbox(canary_service) as sandbox:
         result = sandbox.exec(
             f"env; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; "
             f"grep -rl {canary} /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null; true"
@@ -175,16 +148,13 @@ def test_service_environment_is_invisible_inside(canary_service: LocalService, c
         assert canary not in result["stdout"]
         assert CANARY_ENV not in result["stdout"]
         assert "MODBOX_LOCAL_TOKEN" not in result["stdout"]
-    finally:
-        destroy_sandbox(sandbox)
 
 
 def test_memory_limit_is_enforced_when_cgroups_are_writable(canary_service: LocalService) -> None:
     health = httpx.get(f"{canary_service.base_url}/health").json()
     if "memory" not in health["limits"]:
         pytest.skip(f"no writable memory cgroup on this host ({health['limits']})")
-    sandbox = create_sandbox(canary_service)
-    try:
+    with running_sandbox(canary_service) as sandbox:
         # Touched pages, so the cgroup (not an early MemoryError) must stop it. An OOM
         # kill ends the whole sandbox, and the answer says why.
         hog = sandbox.http.post(
@@ -201,8 +171,6 @@ def test_memory_limit_is_enforced_when_cgroups_are_writable(canary_service: Loca
         assert detail["status"] == "destroyed"
         assert detail["error"] == f"out of memory (limit {SMALL_MEMORY_MIB} MiB)"
         assert host_pids_of(sandbox.id) == set()
-    finally:
-        destroy_sandbox(sandbox)
 
 
 def test_sigkill_of_the_service_leaves_no_sandbox_process(
@@ -230,10 +198,7 @@ def test_sigkill_of_the_service_leaves_no_sandbox_process(
 
     # The next start removes what the killed service could not: its temp state dir
     # (workspaces included) and its sandboxes' cgroups.
-    successor = start_local_service(tmp_path / "successor.log")
-    try:
+    with running_local_service(tmp_path / "successor.log"):
         assert not state_dir.exists()
         stale_cgroups = list(Path("/sys/fs/cgroup").rglob(f"modbox-{canary_service.pid}-*"))
         assert stale_cgroups == []
-    finally:
-        stop_local_service_process(successor.process)

@@ -21,24 +21,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
-    LocalSandbox,
-    LocalService,
-    create_sandbox,
-    destroy_sandbox,
-    isolation_required,
-    start_local_service,
-    stop_local_service_process,
-)
+from conftest import LocalSandbox, LocalService, isolation_required, running_local_service
 
 from modbox_kernel.local import files
 from modbox_kernel.local.envelope import ServiceError
 
 CHECK_TIMEOUT_S = 120
-
-
-def _start(tmp_path: Path, *args: str) -> LocalService:
-    return start_local_service(tmp_path / "service.log", *args)
 
 
 def _create(service: LocalService) -> httpx.Response:
@@ -50,8 +38,7 @@ def _create(service: LocalService) -> httpx.Response:
 
 
 def test_live_sandbox_cap_is_a_429_sentence(tmp_path: Path) -> None:
-    service = _start(tmp_path, "--max-sandboxes", "2")
-    try:
+    with running_local_service(tmp_path / "service.log", "--max-sandboxes", "2") as service:
         first, second = _create(service), _create(service)
         assert first.status_code == second.status_code == 200
         third = _create(service)
@@ -66,13 +53,12 @@ def test_live_sandbox_cap_is_a_429_sentence(tmp_path: Path) -> None:
         with service.client() as control:
             control.delete(f"/sandboxes/{first.json()['sandbox_id']}")
         assert _create(service).status_code == 200
-    finally:
-        stop_local_service_process(service.process)
 
 
 def test_memory_budget_caps_admission(tmp_path: Path) -> None:
-    service = _start(tmp_path, "--memory-mib", "256", "--max-memory-mib", "600")
-    try:
+    with running_local_service(
+        tmp_path / "service.log", "--memory-mib", "256", "--max-memory-mib", "600"
+    ) as service:
         assert _create(service).status_code == 200
         assert _create(service).status_code == 200  # 2 x 256 MiB fit in 600 MiB
         third = _create(service)
@@ -80,8 +66,6 @@ def test_memory_budget_caps_admission(tmp_path: Path) -> None:
         error = third.json()["error"]
         assert error["message"].startswith("The host is at capacity: 2 sandboxes running")
         assert "256 MiB" in error["hint"] and "600 MiB" in error["hint"]
-    finally:
-        stop_local_service_process(service.process)
 
 
 # ------------------------------------------------------------------------ --check
@@ -197,15 +181,6 @@ def _wheel(name: str, value: str) -> bytes:
         for path, data in members.items():
             archive.writestr(path, data)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def fresh_sandbox(local_service: LocalService) -> Iterator[LocalSandbox]:
-    sandbox = create_sandbox(local_service)
-    try:
-        yield sandbox
-    finally:
-        destroy_sandbox(sandbox)
 
 
 def test_pip_installs_into_the_sandbox_and_imports(fresh_sandbox: LocalSandbox) -> None:

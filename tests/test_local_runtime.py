@@ -14,18 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LocalSandbox, LocalService, create_sandbox, destroy_sandbox, host_pids_of
+from conftest import (
+    LocalSandbox,
+    LocalService,
+    create_sandbox,
+    destroy_sandbox,
+    host_pids_of,
+    running_sandbox,
+)
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def fresh_sandbox(local_service: LocalService) -> Iterator[LocalSandbox]:
-    sandbox = create_sandbox(local_service)
-    try:
-        yield sandbox
-    finally:
-        destroy_sandbox(sandbox)
 
 
 # ----------------------------------------------------------------------------- exec
@@ -61,10 +59,8 @@ def test_exec_passes_arbitrary_bytes_of_shell_text(local_sandbox: LocalSandbox) 
 
 
 def test_exec_environment_is_cleared_plus_env_vars(local_service: LocalService) -> None:
-    sandbox = create_sandbox(
-        local_service, env_vars={"GREETING": "hello world", "SANDBOX_API_KEY": "k-123"}
-    )
-    try:
+    env_vars = {"GREETING": "hello world", "SANDBOX_API_KEY": "k-123"}
+    with running_sandbox(local_service, env_vars=env_vars) as sandbox:
         names = set(sandbox.exec("env -0 | tr '\\0' '\\n' | cut -d= -f1")["stdout"].split())
         allowed = {
             "PATH", "HOME", "LANG", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
@@ -78,8 +74,6 @@ def test_exec_environment_is_cleared_plus_env_vars(local_service: LocalService) 
         assert sandbox.exec('echo "$GREETING"')["stdout"] == "hello world\n"
         python = sandbox.exec("python3 -c 'import sys; print(sys.version_info[:2])'")
         assert python["exitCode"] == 0, python
-    finally:
-        destroy_sandbox(sandbox)
 
 
 def test_sandbox_python_has_the_service_packages(local_sandbox: LocalSandbox) -> None:
@@ -307,8 +301,7 @@ def test_destroy_kills_every_process_of_the_sandbox(local_service: LocalService)
 
 
 def test_a_sandbox_that_dies_is_reported_destroyed(local_service: LocalService) -> None:
-    sandbox = create_sandbox(local_service)
-    try:
+    with running_sandbox(local_service) as sandbox:
         # Killing the supervisor (bash's parent) from the inside takes the sandbox down.
         gone = sandbox.http.post(sandbox.exec_url, json={"command": "kill -9 $PPID; sleep 5"})
         assert gone.status_code in (200, 404), gone.text
@@ -322,5 +315,3 @@ def test_a_sandbox_that_dies_is_reported_destroyed(local_service: LocalService) 
         assert detail["status"] == "destroyed", detail
         assert detail["error"]
         assert host_pids_of(sandbox.id) == set()
-    finally:
-        destroy_sandbox(sandbox)
