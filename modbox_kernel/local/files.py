@@ -120,32 +120,42 @@ def _not_found(ws: Workspace, parts: list[str]) -> ServiceError:
 
 
 @contextlib.contextmanager
+def _answering(
+    ws: Workspace, parts: list[str], conflicts: tuple[int, ...], conflict: str
+) -> Iterator[None]:
+    """Turn the OS's refusal of one step on ``parts`` into the API's answer.
+
+    A missing name is a 404; an errno in ``conflicts`` (what the sandbox planted in
+    the way: a link, a non-directory, a full directory) is a 409 saying ``conflict``;
+    anything else is the service's own fault and propagates (a 500).
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise _not_found(ws, parts) from None
+    except OSError as exc:
+        if exc.errno in conflicts:
+            raise ServiceError(409, "conflict", conflict) from None
+        raise
+
+
+@contextlib.contextmanager
 def _walk(ws: Workspace, parts: list[str]) -> Iterator[int]:
     """Yield an fd of the directory ``parts`` (never through a symlink)."""
     fd = os.open(".", _DIR_FLAGS, dir_fd=ws.root_fd)
     try:
         for i, name in enumerate(parts):
-            try:
+            so_far = parts[: i + 1]
+            not_a_dir = (
+                f"{ws.visible(so_far)} is not a directory (symbolic links are not followed)."
+            )
+            with _answering(ws, so_far, (errno.ELOOP, errno.ENOTDIR), not_a_dir):
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                raise _not_found(ws, parts[: i + 1]) from None
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise _not_a_dir(ws, parts[: i + 1]) from None
-                raise
             os.close(fd)
             fd = nxt
         yield fd
     finally:
         os.close(fd)
-
-
-def _not_a_dir(ws: Workspace, parts: list[str]) -> ServiceError:
-    return ServiceError(
-        409,
-        "conflict",
-        f"{ws.visible(parts)} is not a directory (symbolic links are not followed).",
-    )
 
 
 def _iso(ts: float) -> str:
@@ -212,20 +222,12 @@ def open_file(ws: Workspace, parts: list[str], limit: int) -> tuple[int, int]:
     """Open a regular file for reading; returns (fd, size). The caller closes the fd."""
     if not parts:
         raise validation_error("query.path", "names a directory, not a file")
-    with _walk(ws, parts[:-1]) as dir_fd:
-        try:
-            # O_NONBLOCK: a FIFO planted by the sandbox must not hang us in open().
-            fd = os.open(
-                parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
-            )
-        except FileNotFoundError:
-            raise _not_found(ws, parts) from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ServiceError(
-                    409, "conflict", f"{ws.visible(parts)} is a symbolic link; not followed."
-                ) from None
-            raise
+    a_link = f"{ws.visible(parts)} is a symbolic link; not followed."
+    with _walk(ws, parts[:-1]) as dir_fd, _answering(ws, parts, (errno.ELOOP,), a_link):
+        # O_NONBLOCK: a FIFO planted by the sandbox must not hang us in open().
+        fd = os.open(
+            parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     st = os.fstat(fd)
     refusal = None
     if not stat.S_ISREG(st.st_mode):
@@ -321,21 +323,13 @@ def delete(ws: Workspace, parts: list[str]) -> dict[str, object]:
     """Remove a file, a symlink (the link itself) or an empty directory."""
     if not parts:
         raise ServiceError(403, "forbidden", "The workspace itself cannot be deleted.")
-    with _walk(ws, parts[:-1]) as dir_fd:
-        try:
-            st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(parts[-1], dir_fd=dir_fd)
-            else:
-                os.unlink(parts[-1], dir_fd=dir_fd)
-        except FileNotFoundError:
-            raise _not_found(ws, parts) from None
-        except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY:
-                raise ServiceError(
-                    409, "conflict", f"Directory {ws.visible(parts)} is not empty."
-                ) from None
-            raise
+    not_empty = f"Directory {ws.visible(parts)} is not empty."
+    with _walk(ws, parts[:-1]) as dir_fd, _answering(ws, parts, (errno.ENOTEMPTY,), not_empty):
+        st = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(parts[-1], dir_fd=dir_fd)
+        else:
+            os.unlink(parts[-1], dir_fd=dir_fd)
     return {"success": True, "path": ws.visible(parts)}
 
 

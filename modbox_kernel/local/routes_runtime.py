@@ -145,12 +145,17 @@ async def list_files(request: Request) -> JSONResponse:
     return JSONResponse(listing)
 
 
-async def download(request: Request) -> Response:
-    state, sandbox = _sandbox(request)
+def _required_path(request: Request, sandbox: Sandbox) -> list[str]:
+    """The ``path`` query of download and delete, which (unlike a listing's) has no default."""
     path = request.query_params.get("path")
     if not path:
         raise validation_error("query.path", "is required")
-    parts = files.split_path(sandbox.workspace_path, path)
+    return files.split_path(sandbox.workspace_path, path)
+
+
+async def download(request: Request) -> Response:
+    state, sandbox = _sandbox(request)
+    parts = _required_path(request, sandbox)
     fd, size = await _in_workspace(
         state, sandbox, files.open_file, parts, state.config.limits.download_max
     )
@@ -167,10 +172,7 @@ async def download(request: Request) -> Response:
 
 async def delete_file(request: Request) -> JSONResponse:
     state, sandbox = _sandbox(request)
-    path = request.query_params.get("path")
-    if not path:
-        raise validation_error("query.path", "is required")
-    parts = files.split_path(sandbox.workspace_path, path)
+    parts = _required_path(request, sandbox)
     return JSONResponse(await _in_workspace(state, sandbox, files.delete, parts))
 
 
