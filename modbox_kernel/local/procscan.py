@@ -36,11 +36,23 @@ def sandbox_pids(sandbox_id: str) -> set[int]:
 
 
 def kill_sandbox_processes(sandbox_id: str, grace: float = 2.0) -> set[int]:
-    """SIGKILL every process of the sandbox until none is left; return the survivors."""
+    """SIGKILL every process of the sandbox until none is left; return the survivors.
+
+    "None left" takes two empty scans in a row, 50 ms apart: a process that was forking
+    when its parent got SIGKILL can surface just after a scan came back empty.
+    """
     deadline = time.monotonic() + grace
+    empty_scans = 0
     while True:
         pids = sandbox_pids(sandbox_id)
-        if not pids or time.monotonic() >= deadline:
+        if not pids:
+            empty_scans += 1
+            if empty_scans >= 2:
+                return pids
+            time.sleep(0.05)
+            continue
+        empty_scans = 0
+        if time.monotonic() >= deadline:
             return pids
         for pid in pids:
             with contextlib.suppress(OSError):
