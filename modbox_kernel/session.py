@@ -132,7 +132,6 @@ class SandboxSession:
         # Set when a sandbox was lost, so the next cell can say that state is gone.
         self.lost_notice: str | None = None
         self.running_cell: str | None = None
-        self._last_sandbox_id: str | None = None
         self._ttl_warned: str | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
 
@@ -149,19 +148,8 @@ class SandboxSession:
         return time.monotonic() - sandbox.created >= ttl - margin
 
     @property
-    def sandbox_id(self) -> str | None:
-        return self._sandbox.info.id if self._sandbox else None
-
-    @property
     def agent_info(self) -> dict[str, Any]:
         return self._sandbox.agent_info if self._sandbox else {}
-
-    @property
-    def backend_description(self) -> str:
-        if self.config.resolved_backend == "local":
-            iso = self._service.isolation if self._service else ""
-            return f"embedded local service ({iso or 'starting'})"
-        return self.config.api_url
 
     def start(self) -> None:
         """Begin provisioning in the background (idempotent)."""
@@ -200,10 +188,17 @@ class SandboxSession:
             raise
 
     async def _get_client(self) -> ModboxClient:
-        if self._client is not None:
-            return self._client
         cfg = self.config
-        if cfg.resolved_backend == "local":
+        local = cfg.resolved_backend == "local"
+        if self._client is not None:
+            if not local or (self._service is not None and self._service.running):
+                return self._client
+            # The embedded service died (and its sandboxes with it): start a new one.
+            log.warning("the embedded Modbox service exited; starting a new one")
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+            self._client = None
+        if local:
             if self._service is None or not self._service.running:
                 self._service = EmbeddedService()
                 await self._service.start()
@@ -239,7 +234,6 @@ class SandboxSession:
             )
         except ModboxError as exc:
             raise ProvisioningError(f"could not create a Modbox sandbox: {exc}") from exc
-        self._last_sandbox_id = info.id
         try:
             deadline = t0 + cfg.startup_timeout
 
@@ -483,6 +477,8 @@ class SandboxSession:
             except (ServiceUnreachableError, ModboxTimeoutError, ApiError) as exc:
                 if isinstance(exc, ApiError) and not _transient(exc):
                     raise
+                if self._service_died():
+                    raise  # nothing to wait for: _guarded reports the lost sandbox
                 # The window starts at the first fault: one stalled request that used up
                 # its whole read timeout must still get a retry.
                 if deadline is None:
@@ -559,6 +555,20 @@ class SandboxSession:
             cause = await self._diagnose_loss(sandbox)
             self._forget(sandbox, cause)
             raise SandboxLostError(cause) from exc
+        except ServiceUnreachableError as exc:
+            if not self._service_died():
+                raise
+            cause = "the embedded Modbox service stopped, and its sandboxes with it"
+            self._forget(sandbox, cause)
+            raise SandboxLostError(cause) from exc
+
+    def _service_died(self) -> bool:
+        """True when the embedded service this session started is no longer running."""
+        return (
+            self.config.resolved_backend == "local"
+            and self._service is not None
+            and not self._service.running
+        )
 
     async def _diagnose_loss(self, sandbox: _Sandbox) -> str:
         """Ask the control plane what happened to a sandbox that stopped answering."""

@@ -117,3 +117,40 @@ def test_a_startup_timeout_is_named_and_leaves_no_sandbox(
     assert "MODBOX_STARTUP_TIMEOUT" in evalue, evalue
     # The half-made sandbox was destroyed, not leaked.
     assert wait_until(lambda: not (running() - before), timeout=10), running() - before
+
+
+def _embedded_services(kernel: Any) -> list[Any]:
+    return [c for c in kernel.children() if "modbox_kernel.local" in " ".join(c.cmdline())]
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_embedded_service_is_a_lost_sandbox_and_is_restarted(kernel_with: Any) -> None:
+    import psutil
+    from kernel_helpers import embedded_env
+
+    km, kc = kernel_with(embedded_env())
+    assert run_cell(kc, "x = 1", timeout=120).status == "ok"
+    kernel = psutil.Process(km.provisioner.process.pid)
+    (service,) = _embedded_services(kernel)
+
+    msg_id = kc.execute("import time\nfor _ in range(600):\n    time.sleep(0.1)")
+    time.sleep(1.0)
+    service.kill()
+    killed_at = time.monotonic()
+    while True:
+        reply = kc.get_shell_msg(timeout=60)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    took = time.monotonic() - killed_at
+    content = reply["content"]
+    assert content["ename"] == "SandboxLost", content
+    assert "embedded Modbox service stopped" in content["evalue"], content["evalue"]
+    assert took < 5, f"the cell took {took:.1f} s to end after the service died"
+
+    after = run_cell(kc, "print('x' in dir())", timeout=120)
+    assert after.status == "ok", after.describe()
+    assert after.stdout == "False\n", after.describe()
+    assert "fresh sandbox" in after.stderr, after.describe()
+    # A new service serves the new sandbox.
+    (replacement,) = _embedded_services(kernel)
+    assert replacement.pid != service.pid
