@@ -44,10 +44,6 @@ class EmbeddedService:
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     async def start(self) -> None:
         """Spawn the service and wait for its startup line (raises a sentence on failure)."""
         argv = [

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import json
 import logging
+import posixpath
 import secrets
 import shlex
 import time
@@ -116,6 +117,14 @@ class _Sandbox:
     state_dir: str
     agent_file: str
     agent_info: dict[str, Any]
+
+    @property
+    def upload_dir(self) -> str | None:
+        """Where uploads land in this sandbox; None when the agent had to be written
+        with exec because uploads did not work."""
+        directory = posixpath.dirname(self.agent_file)
+        return None if directory == self.state_dir else directory
+
     created: float = field(default_factory=time.monotonic)
 
 
@@ -350,16 +359,26 @@ class SandboxSession:
         )
 
     async def _put_file(
-        self, runtime: SandboxRuntime, state_dir: str, name: str, data: bytes
+        self,
+        runtime: SandboxRuntime,
+        state_dir: str,
+        name: str,
+        data: bytes,
+        *,
+        upload_dir: str | None = None,
     ) -> str:
         """Place ``data`` in the sandbox and return its absolute path there.
 
         The documented upload call comes first (one request, any size up to 50 MB);
         where it is unavailable or lands somewhere unexpected, the bytes are written
-        with exec in base64 chunks, which needs nothing but bash and base64.
+        with exec in base64 chunks, which needs nothing but bash and base64. With
+        ``upload_dir`` (where the agent's own upload was found at bootstrap) the
+        upload's location is known and not looked up again.
         """
         with contextlib.suppress(ModboxError):
             meta = await runtime.upload(name, data)
+            if upload_dir is not None:
+                return f"{upload_dir}/{name}"
             candidates = [p for p in (meta.get("path"), f"/workspace/uploads/{name}") if p]
             for path in candidates:
                 check = await runtime.exec(f"test -f {shlex.quote(str(path))}")
@@ -437,11 +456,17 @@ class SandboxSession:
         """Send one request to the agent through exec and return its JSON answer."""
         b64 = agent_mod.encode_request(payload)
         if len(b64) <= agent_mod.INLINE_LIMIT:
-            command = agent_mod.request_command(sandbox.state_dir, payload)
+            command = agent_mod.request_command(sandbox.state_dir, encoded=b64)
         else:
+            # The agent takes a base64 body in the file as well: no second encoding.
             name = f"modbox-req-{uuid.uuid4().hex}.json"
-            body = json.dumps(payload).encode("utf-8")
-            path = await self._put_file(sandbox.runtime, sandbox.state_dir, name, body)
+            path = await self._put_file(
+                sandbox.runtime,
+                sandbox.state_dir,
+                name,
+                b64.encode("ascii"),
+                upload_dir=sandbox.upload_dir,
+            )
             command = agent_mod.request_command(sandbox.state_dir, ref=path)
         res = await sandbox.runtime.exec(command, read_timeout=read_timeout)
         if res.exit_code == agent_mod.UNREACHABLE_EXIT:

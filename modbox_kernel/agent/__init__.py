@@ -58,20 +58,28 @@ def encode_request(payload: dict[str, Any]) -> str:
 
 
 def request_command(
-    state_dir: str, payload: dict[str, Any] | None = None, *, ref: str | None = None
+    state_dir: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    ref: str | None = None,
+    encoded: str | None = None,
 ) -> str:
     """The bash line of ``docs/agent-protocol.md`` for one request.
 
-    Pass ``payload`` for an inline request or ``ref`` (the path of an uploaded JSON
-    request file) for a large one. The command prints the agent's one-line answer, or
-    exits with :data:`UNREACHABLE_EXIT` when no agent listens.
+    Pass exactly one of: ``payload`` for an inline request, ``encoded`` for one already
+    passed through :func:`encode_request` (the session measures it first, so it need
+    not encode twice), or ``ref`` (the path of an uploaded request file) for a large
+    one. The command prints the agent's one-line answer, or exits with
+    :data:`UNREACHABLE_EXIT` when no agent listens.
     """
-    if payload is not None and ref is None:
+    if sum(x is not None for x in (payload, ref, encoded)) != 1:
+        raise ValueError("pass exactly one of payload, encoded and ref")
+    if payload is not None:
         body = encode_request(payload)
-    elif ref is not None and payload is None:
-        body = "@" + ref
+    elif encoded is not None:
+        body = encoded
     else:
-        raise ValueError("pass exactly one of payload and ref")
+        body = f"@{ref}"
     return (
         f"cd {shlex.quote(state_dir)} 2>/dev/null && read -r P < port && read -r T < token"
         ' && exec 3<>"/dev/tcp/127.0.0.1/$P"'

@@ -116,10 +116,6 @@ class CgroupManager:
         return self.memory_base is not None
 
     @property
-    def enforces_pids(self) -> bool:
-        return self.pids_base is not None
-
-    @property
     def enforces_cpu(self) -> bool:
         """A hard CPU quota is in force (not only the fair share)."""
         return self.cpu_base is not None and self.cpus > 0
