@@ -141,7 +141,10 @@ def test_none_mode_works_and_says_so(tmp_path: Path) -> None:
         cwd, home = result["stdout"].splitlines()
         assert cwd == home and cwd.startswith(str(tmp_path / "state"))
         sandbox.exec("setsid sleep 301 >/dev/null 2>&1 < /dev/null &")
-        assert len(host_pids_of(sandbox.id)) >= 3
+        # The supervisor and both sleeps. The exec answers as soon as bash exits, which
+        # can be before its background child has finished exec'ing setsid (mid-execve,
+        # /proc/<pid>/environ reads empty), so wait for it rather than race it.
+        assert _wait_until(lambda: len(host_pids_of(sandbox.id)) >= 3, 10), host_pids_of(sandbox.id)
         destroy_sandbox(sandbox)
         assert host_pids_of(sandbox.id) == set()
         assert not Path(cwd).exists()
