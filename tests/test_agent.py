@@ -449,6 +449,25 @@ def test_interrupt_stops_a_sleeping_cell_and_keeps_the_namespace(both: AgentUnde
     assert stdout_of(both.execute("print(survivor)")) == "still here\n"
 
 
+def test_a_first_cell_and_the_completion_warm_up_do_not_block_each_other(
+    fresh: AgentUnderTest,
+) -> None:
+    # Right after start, jedi's warm-up runs on a background thread and steps aside
+    # while a cell runs. A cell that needs what that thread might hold (the import
+    # locks of jedi's and parso's modules, logging's lock) must not hang, and the
+    # warm-up must finish afterwards so that completion answers.
+    code = (
+        "import importlib, logging\n"
+        "for name in ('jedi', 'parso', 'jedi.api.completion', 'parso.python.diff'):\n"
+        "    importlib.import_module(name)\n"
+        "logging.getLogger('parso').warning('logged')\n"
+        "print('ran')"
+    )
+    assert stdout_of(fresh.execute(code, timeout=30)) == "ran\n"
+    reply = fresh.request({"op": "complete", "code": "import o", "cursor_pos": 8})["reply"]
+    assert "os" in reply["matches"], reply
+
+
 def test_interrupt_reaches_a_child_process(both: AgentUnderTest) -> None:
     # os.system ignores SIGINT in the caller; as under the local kernel the child dies
     # and the cell goes on.

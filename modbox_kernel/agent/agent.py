@@ -33,6 +33,7 @@ import faulthandler
 import getpass
 import hashlib
 import hmac
+import importlib.util
 import io
 import json
 import logging
@@ -207,13 +208,44 @@ def cell_file_name(code: str) -> str:
 # --------------------------------------------------------------------------- cells
 
 
-def _warm_up_jedi() -> None:
+def _warm_up_jedi(idle: threading.Event) -> None:
+    """Run jedi's first completion (about 0.7 s of CPU) on a background thread.
+
+    It steps aside while a cell's code runs (``idle`` is clear). A CPU-bound thread
+    makes the main thread wait up to the GIL switch interval after every blocking call
+    it makes, which stretched a user's first interrupt (signal, traceback formatting,
+    events: hundreds of small reads) to over a second and slowed their first cell.
+    """
+    packages = tuple(
+        os.path.join(os.path.dirname(spec.origin), "")
+        for spec in map(importlib.util.find_spec, ("jedi", "parso"))
+        if spec is not None and spec.origin
+    )
+
+    def step_aside(frame: Any, event: str, arg: Any) -> None:
+        # Called at each Python call made by this thread only. Waiting is safe only in
+        # jedi's or parso's own code (they take no locks) and outside any import: an
+        # import holds its module's lock and, while finding a spec, the global import
+        # lock, so the first cell's own lazy import (IPython's run_cell has one)
+        # would wait forever. Other libraries' code may hold locks too (logging's).
+        if idle.is_set() or not frame.f_code.co_filename.startswith(packages):
+            return
+        f = frame
+        while f is not None:
+            if f.f_code.co_filename.startswith("<frozen importlib"):
+                return
+            f = f.f_back
+        idle.wait()
+
+    sys.settrace(step_aside)
     try:
         import jedi
 
         jedi.Interpreter("zi", [{}]).complete()
     except Exception:  # only an optimisation
         log.debug("jedi warm-up failed", exc_info=True)
+    finally:
+        sys.settrace(None)
 
 
 def truncation_notice(limit: int) -> str:
@@ -1037,6 +1069,9 @@ class Agent:
         self.port = 0
         self.last_count = 0
         self._in_user_code = False
+        # Set while no cell runs; background work (the jedi warm-up) waits on it.
+        self.idle = threading.Event()
+        self.idle.set()
         self._critical_depth = 0
         self._sigint_pending = False
         self.mode = "starting"
@@ -1220,7 +1255,9 @@ class Agent:
             # jedi's first completion parses the builtins stubs (seconds on a fresh
             # sandbox with an empty cache); do it now, off the main thread, so the
             # user's first Tab is fast. parso's parse cache is process-wide.
-            warm = threading.Thread(target=_warm_up_jedi, name="jedi-warm-up", daemon=True)
+            warm = threading.Thread(
+                target=_warm_up_jedi, args=(self.idle,), name="jedi-warm-up", daemon=True
+            )
             self.jedi_warm_up = warm
             warm.start()
 
@@ -1246,12 +1283,14 @@ class Agent:
         try:
             with self._stdin_patched():
                 self._in_user_code = True
+                self.idle.clear()
                 try:
                     if cell.interrupt_requested:
                         raise KeyboardInterrupt
                     done = runner.run(cell)
                 finally:
                     self._in_user_code = False
+                    self.idle.set()
         except BaseException as exc:
             # An interrupt or error that escaped the runner's own handling.
             err = _format_exception(exc)
