@@ -287,7 +287,7 @@ class ModboxKernel(Kernel):
         try:
             reply = await task
             if self._timed_out is not None and reply.get("ename") == "KeyboardInterrupt":
-                reply = self._time_limit_reply(relay, reply)
+                reply = self.time_limit_error(reply)
             return reply
         except asyncio.CancelledError:
             relay.flush()
@@ -333,12 +333,22 @@ class ModboxKernel(Kernel):
             "on the cell's first line)"
         )
 
-    def _time_limit_reply(self, relay: _Relay, reply: dict[str, Any]) -> dict[str, Any]:
-        # The agent already published its KeyboardInterrupt traceback; add the reason.
+    def time_limit_error(self, error: dict[str, Any]) -> dict[str, Any]:
+        """``error`` (the agent's KeyboardInterrupt) as the time-limit error it really is.
+
+        Called by the relay for the published error output and by ``do_execute`` for the
+        reply, so that both name the same exception: nbclient reports the reply,
+        papermill and the saved notebook show the output. The traceback is kept (it
+        shows where the cell was), with the reason as its last line.
+        """
         text = f"Modbox: {self._limit_sentence()}."
-        relay.stream("stderr", text + "\n")
-        relay.flush()
-        return {**reply, "ename": "CellTimeoutError", "evalue": text}
+        traceback = [*error.get("traceback", []), _red(f"CellTimeoutError: {text}")]
+        return {**error, "ename": "CellTimeoutError", "evalue": text, "traceback": traceback}
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the running cell hit its time limit (its interrupt is the limit's)."""
+        return self._timed_out is not None
 
     async def _escalated_reply(self, relay: _Relay) -> dict[str, Any]:
         try:
@@ -684,6 +694,12 @@ class _Relay:
             await self._answer_input(event)
             return
         content = {k: v for k, v in event.items() if k not in ("type", "seq")}
+        if (
+            kind == "error"
+            and self.kernel.timed_out
+            and content.get("ename") == "KeyboardInterrupt"
+        ):
+            content = self.kernel.time_limit_error(content)
         if kind == "execute_result":
             content["execution_count"] = self.kernel.execution_count
         if kind in ("display_data", "update_display_data", "execute_result"):

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,17 @@ STARTUP_TIMEOUT_S = 60.0
 
 def isolation_required() -> bool:
     return os.environ.get("MODBOX_REQUIRE_ISOLATION", "").strip().lower() in ("1", "true", "yes")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
 
 
 def host_pids_of(sandbox_id: str) -> set[int]:

@@ -32,6 +32,7 @@ import httpx
 import nbformat
 import psutil
 import pytest
+from conftest import wait_until as wait_until  # re-exported for the kernel tests
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from nbclient import NotebookClient
@@ -461,14 +462,3 @@ def sandbox_processes(sandbox_ids: Iterable[str]) -> dict[str, list[int]]:
             if sid is not None:
                 found.setdefault(sid, []).append(int(entry.name))
     return found
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)

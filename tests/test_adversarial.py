@@ -43,6 +43,7 @@ from conftest import (
     running_local_service,
     running_sandbox,
     sandbox_cgroup_dirs,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.isolation]
@@ -828,8 +829,12 @@ def test_44_sigkill_of_the_service_mid_command_leaves_nothing(tmp_path: Path) ->
 
         running = threading.Thread(target=mid_cell, daemon=True)
         running.start()
-        time.sleep(0.5)
-        assert all(len(processes_in_pid_namespace(ns)) >= 4 for ns in namespaces)
+        time.sleep(0.5)  # the mid-cell command is running
+        # bwrap's pid 1, bash's background children and the running command: the exec
+        # returns before its background children are necessarily visible, so wait.
+        assert wait_until(
+            lambda: all(len(processes_in_pid_namespace(ns)) >= 4 for ns in namespaces), 10, 0.05
+        ), [processes_in_pid_namespace(ns) for ns in namespaces]
         state_line = next(ln for ln in service.log_text().splitlines() if "state dir " in ln)
         state_dir = Path(state_line.split("state dir ", 1)[1].split(";", 1)[0])
         os.kill(service.pid, signal.SIGKILL)

@@ -35,8 +35,14 @@ TTL = 8
 
 
 def _error(run: Any) -> dict[str, Any]:
+    """The error reply; the cell's one error output must name the same exception."""
     assert run.status == "error", run.describe()
-    return dict(run.reply["content"])
+    reply = dict(run.reply["content"])
+    shown = [m["content"] for m in run.outputs if m["msg_type"] == "error"]
+    assert [(e["ename"], e["evalue"]) for e in shown] == [(reply["ename"], reply["evalue"])], (
+        run.describe()
+    )
+    return reply
 
 
 @pytest.fixture(scope="module")

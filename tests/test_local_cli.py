@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,6 +22,7 @@ from conftest import (
     host_pids_of,
     start_local_service,
     stop_local_service_process,
+    wait_until,
 )
 
 
@@ -37,15 +36,6 @@ def _gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_startup_line_is_the_only_stdout_and_token_stays_out_of_logs(tmp_path: Path) -> None:
@@ -144,7 +134,7 @@ def test_none_mode_works_and_says_so(tmp_path: Path) -> None:
         # The supervisor and both sleeps. The exec answers as soon as bash exits, which
         # can be before its background child has finished exec'ing setsid (mid-execve,
         # /proc/<pid>/environ reads empty), so wait for it rather than race it.
-        assert _wait_until(lambda: len(host_pids_of(sandbox.id)) >= 3, 10), host_pids_of(sandbox.id)
+        assert wait_until(lambda: len(host_pids_of(sandbox.id)) >= 3, 10), host_pids_of(sandbox.id)
         destroy_sandbox(sandbox)
         assert host_pids_of(sandbox.id) == set()
         assert not Path(cwd).exists()
@@ -182,7 +172,7 @@ def test_exit_with_parent(tmp_path: Path) -> None:
     token = info["token"]
     try:
         # The parent is gone already; the service notices within its poll interval.
-        assert _wait_until(lambda: _gone(pid), 10), "service outlived its parent"
+        assert wait_until(lambda: _gone(pid), 10), "service outlived its parent"
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{info['base_url']}/health", timeout=2)
     finally:
@@ -201,7 +191,7 @@ def test_ttl_reaper_destroys_expired_sandboxes(tmp_path: Path) -> None:
             def expired() -> bool:
                 return control.get(f"/sandboxes/{sandbox.id}").json()["status"] == "destroyed"
 
-            assert _wait_until(expired, 10)
+            assert wait_until(expired, 10)
             detail = control.get(f"/sandboxes/{sandbox.id}").json()
         assert detail["error"] == "ttl expired"
         assert host_pids_of(sandbox.id) == set()
