@@ -208,13 +208,68 @@ def cell_file_name(code: str) -> str:
 # --------------------------------------------------------------------------- cells
 
 
-def _warm_up_jedi(idle: threading.Event) -> None:
-    """Run jedi's first completion (about 0.7 s of CPU) on a background thread.
+class _Gate:
+    """Lets background work (the jedi warm-up) run only while the agent is quiet.
 
-    It steps aside while a cell's code runs (``idle`` is clear). A CPU-bound thread
-    makes the main thread wait up to the GIL switch interval after every blocking call
-    it makes, which stretched a user's first interrupt (signal, traceback formatting,
-    events: hundreds of small reads) to over a second and slowed their first cell.
+    The request handlers and the cell runner hold :meth:`busy`; the background thread
+    calls :meth:`wait` at safe points, which returns once nothing has been busy for
+    :data:`QUIET_SECONDS`: a notebook run cell after cell (nbclient) leaves no such gap
+    and pays nothing, a person at the keyboard leaves plenty. :meth:`open` lets the
+    background work through for good, for a caller that needs its result now.
+    """
+
+    QUIET_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._open = False
+        self._quiet_since = time.monotonic()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._cond:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._quiet_since = time.monotonic()
+                self._cond.notify_all()
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def is_open(self) -> bool:
+        return self._open
+
+    def closed(self) -> bool:
+        """Whether work is in progress now (cheap; a racy read is fine: it is a hint)."""
+        return self._busy > 0 and not self._open
+
+    def wait(self) -> None:
+        with self._cond:
+            while not self._open:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                left = self._quiet_since + self.QUIET_SECONDS - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+
+def _warm_up_jedi(gate: _Gate) -> None:
+    """Run jedi's first completion (about 0.5 s of CPU) on a background thread.
+
+    It starts once the agent is quiet and steps aside whenever it works again (a
+    request is served or a cell runs). A CPU-bound thread makes every other thread wait
+    up to the GIL switch interval after each blocking call it makes: run alongside, it
+    stretched a user's first interrupt (signal, traceback formatting, events: hundreds
+    of small reads) to over a second and added about 50 ms to each of the first cells.
     """
     packages = tuple(
         os.path.join(os.path.dirname(spec.origin), "")
@@ -228,15 +283,19 @@ def _warm_up_jedi(idle: threading.Event) -> None:
         # import holds its module's lock and, while finding a spec, the global import
         # lock, so the first cell's own lazy import (IPython's run_cell has one)
         # would wait forever. Other libraries' code may hold locks too (logging's).
-        if idle.is_set() or not frame.f_code.co_filename.startswith(packages):
+        if gate.is_open():
+            sys.settrace(None)  # someone waits for the result: no more tracing cost
+            return
+        if not gate.closed() or not frame.f_code.co_filename.startswith(packages):
             return
         f = frame
         while f is not None:
             if f.f_code.co_filename.startswith("<frozen importlib"):
                 return
             f = f.f_back
-        idle.wait()
+        gate.wait()
 
+    gate.wait()  # not during the first cells, which usually follow the start at once
     sys.settrace(step_aside)
     try:
         import jedi
@@ -1069,9 +1128,8 @@ class Agent:
         self.port = 0
         self.last_count = 0
         self._in_user_code = False
-        # Set while no cell runs; background work (the jedi warm-up) waits on it.
-        self.idle = threading.Event()
-        self.idle.set()
+        # Held while a request is served or a cell runs; the jedi warm-up waits on it.
+        self.gate = _Gate()
         self._critical_depth = 0
         self._sigint_pending = False
         self.mode = "starting"
@@ -1256,7 +1314,7 @@ class Agent:
             # sandbox with an empty cache); do it now, off the main thread, so the
             # user's first Tab is fast. parso's parse cache is process-wide.
             warm = threading.Thread(
-                target=_warm_up_jedi, args=(self.idle,), name="jedi-warm-up", daemon=True
+                target=_warm_up_jedi, args=(self.gate,), name="jedi-warm-up", daemon=True
             )
             self.jedi_warm_up = warm
             warm.start()
@@ -1281,16 +1339,14 @@ class Agent:
         log.info("cell %s started (count %d)", cell.id, cell.execution_count)
         t0 = time.monotonic()
         try:
-            with self._stdin_patched():
+            with self._stdin_patched(), self.gate.busy():
                 self._in_user_code = True
-                self.idle.clear()
                 try:
                     if cell.interrupt_requested:
                         raise KeyboardInterrupt
                     done = runner.run(cell)
                 finally:
                     self._in_user_code = False
-                    self.idle.set()
         except BaseException as exc:
             # An interrupt or error that escaped the runner's own handling.
             err = _format_exception(exc)
@@ -1459,9 +1515,11 @@ class Agent:
         cursor = len(code) if pos is None else int(pos)
 
         def complete(r: Any) -> Any:
-            # jedi is not thread-safe: let the background warm-up finish first.
+            # jedi is not thread-safe: let the background warm-up finish first (it
+            # would otherwise wait for this very request to end).
             warm = self.jedi_warm_up
             if warm is not None:
+                self.gate.open()
                 warm.join(timeout=8.0)
             return r.complete(code, cursor)
 
@@ -1584,6 +1642,10 @@ class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        with self.server.agent.gate.busy():
+            self._handle()
+
+    def _handle(self) -> None:
         agent = self.server.agent
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         exit_after = False
