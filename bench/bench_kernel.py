@@ -24,7 +24,7 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from jupyter_client.manager import KernelManager
@@ -131,7 +131,7 @@ def main() -> None:
         for name in KERNELS:
             km, kc, seconds = start(name)
             cold[name].append(seconds)
-            first_interrupt[name].append(interrupt_latency(km, kc, settle=0.1))
+            first_interrupt[name].append(interrupt_latency(km, kc, settle=0.1) * 1000)
             kc.stop_channels()
             km.shutdown_kernel(now=False)
 
@@ -199,37 +199,16 @@ def main() -> None:
             a = pct(samples[("python3", code)], q)
             b = pct(samples[("modbox-python", code)], q)
             row(f"cell `{code}` p{q}", a, b, "ms")
+
+    def compare(label: str, values: dict[str, list[float]], stat: Callable, unit: str) -> None:
+        row(label, stat(values["python3"]), stat(values["modbox-python"]), unit)
+
     for q in (50, 95):
-        row(
-            f"stream latency p{q}",
-            pct(latency["python3"], q),
-            pct(latency["modbox-python"], q),
-            "ms",
-        )
-    row(
-        "interrupt to reply (median)",
-        statistics.median(interrupt["python3"]),
-        statistics.median(interrupt["modbox-python"]),
-        "ms",
-    )
-    row(
-        "first interrupt after start (max)",
-        max(first_interrupt["python3"]) * 1000,
-        max(first_interrupt["modbox-python"]) * 1000,
-        "ms",
-    )
-    row(
-        "cold start to first result (median)",
-        statistics.median(cold["python3"]),
-        statistics.median(cold["modbox-python"]),
-        "s ",
-    )
-    row(
-        "restart to next result (median)",
-        statistics.median(restart["python3"]),
-        statistics.median(restart["modbox-python"]),
-        "s ",
-    )
+        compare(f"stream latency p{q}", latency, lambda v, q=q: pct(v, q), "ms")
+    compare("interrupt to reply (median)", interrupt, statistics.median, "ms")
+    compare("first interrupt after start (max)", first_interrupt, max, "ms")
+    compare("cold start to first result (median)", cold, statistics.median, "s ")
+    compare("restart to next result (median)", restart, statistics.median, "s ")
     print(
         f"{'modbox agent-only restart (median)':34} {'':>10} "
         f"{statistics.median(agent_restart):9.1f}s   (same sandbox, files kept)"
