@@ -293,12 +293,15 @@ class ModboxKernel(Kernel):
             relay.flush()
             if self._escalated:
                 return await self._escalated_reply(relay)
-            return self._error_reply(
-                relay,
-                "KeyboardInterrupt",
-                "interrupted while waiting for the sandbox",
-                ["KeyboardInterrupt: interrupted while waiting for the sandbox"],
-            )
+            text = "interrupted while waiting for the sandbox"
+            error: dict[str, Any] = {
+                "ename": "KeyboardInterrupt",
+                "evalue": text,
+                "traceback": [_red(f"KeyboardInterrupt: {text}")],
+            }
+            if self._timed_out is not None:
+                error = self.time_limit_error(error)
+            return self._error_reply(relay, error["ename"], error["evalue"], error["traceback"])
         except Exception as exc:  # never let an exception escape: no reply = hung client
             relay.flush()
             self.log.exception("cell failed in the kernel")

@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import LocalService, start_local_service, stop_local_service_process
+from faultproxy import Fault, FaultProxy, Request
 from kernel_helpers import (
     Kernel,
     list_sandboxes,
@@ -92,6 +94,40 @@ def test_the_trait_limit_escalates_when_the_cell_ignores_the_interrupt(limited: 
 def test_a_cell_within_its_limit_is_untouched(limited: Kernel) -> None:
     run = run_cell(limited.kc, "%%modbox_timeout 10\nimport time\ntime.sleep(0.3)\nprint('done')")
     assert run.status == "ok" and run.stdout == "done\n", run.describe()
+
+
+@pytest.mark.timeout(120)
+def test_a_limit_that_runs_out_while_waiting_for_the_sandbox_names_the_limit(
+    tmp_path: Path,
+) -> None:
+    # The service's answer to every create is held back, so the kernel is still
+    # provisioning when the cell's limit runs out. (A service of its own: the create
+    # did reach it, and stopping it takes down whatever it made.)
+    def hold_creates(request: Request) -> Fault | None:
+        creating = request.method == "POST" and request.path.rstrip("/").endswith("/sandboxes")
+        return Fault("stall", seconds=20) if creating else None
+
+    service = start_local_service(tmp_path / "service.log")
+    try:
+        with FaultProxy() as proxy:
+            parts = urlsplit(service.base_url)
+            assert parts.hostname is not None and parts.port is not None
+            proxy.upstream = (parts.hostname, parts.port)
+            proxy.decide = hold_creates
+            km, kc = start_kernel("modbox-python", service_env(proxy.url, service.token))
+            try:
+                t0 = time.monotonic()
+                run = run_cell(kc, "%%modbox_timeout 1\n1+1", timeout=60)
+                took = time.monotonic() - t0
+                reply = _error(run)
+                assert reply["ename"] == "CellTimeoutError", run.describe()
+                assert "time limit of 1 s" in reply["evalue"], reply["evalue"]
+                assert took < 10, f"the limit took {took:.1f} s to act"
+                assert proxy.injected["stall"] >= 1, "no create was held: this tested nothing"
+            finally:
+                stop_kernel(km, kc)
+    finally:
+        stop_local_service_process(service.process)
 
 
 @pytest.fixture(scope="module")
