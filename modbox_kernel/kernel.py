@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 from ipykernel.kernelbase import Kernel
-from traitlets import Dict, Float, Int, Unicode, default
+from traitlets import Bool, Dict, Float, Int, Unicode, default
 
 from . import __version__
 from .errors import ModboxError, SandboxLostError
@@ -100,6 +100,15 @@ class ModboxKernel(Kernel):
         help="Maximum stream output per cell in bytes, 0 = unlimited (env MODBOX_OUTPUT_LIMIT). "
         "Beyond it output is dropped with one notice."
     ).tag(config=True)
+    copy_workdir = Bool(
+        help="Copy the kernel's working directory (the notebook's folder) into each new "
+        "sandbox, so relative paths such as 'data.csv' work as with a local kernel; hidden "
+        "files are left out (env MODBOX_COPY_WORKDIR, 1 or 0)."
+    ).tag(config=True)
+    copy_limit = Int(
+        help="Copy the notebook's folder only if its files total at most this many bytes "
+        "(env MODBOX_COPY_LIMIT)."
+    ).tag(config=True)
 
     @default("api_url")
     def _default_api_url(self) -> str:
@@ -137,6 +146,14 @@ class ModboxKernel(Kernel):
     def _default_output_limit(self) -> int:
         return int(_env("MODBOX_OUTPUT_LIMIT", str(10 * 1024 * 1024)) or 0)
 
+    @default("copy_workdir")
+    def _default_copy_workdir(self) -> bool:
+        return _env("MODBOX_COPY_WORKDIR", "1").strip().lower() not in ("0", "false", "no", "off")
+
+    @default("copy_limit")
+    def _default_copy_limit(self) -> int:
+        return int(_env("MODBOX_COPY_LIMIT", str(32 * 1024 * 1024)) or 0)
+
     @default("startup_timeout")
     def _default_startup_timeout(self) -> float:
         return float(_env("MODBOX_STARTUP_TIMEOUT", "120") or 120)
@@ -156,6 +173,8 @@ class ModboxKernel(Kernel):
                 ttl_seconds=self.ttl_seconds,
                 env_vars=dict(self.sandbox_env),
                 startup_timeout=self.startup_timeout,
+                copy_folder=os.getcwd() if self.copy_workdir else None,
+                copy_limit=max(0, self.copy_limit),
             )
         )
         self._cell_task: asyncio.Task[Any] | None = None
@@ -378,6 +397,9 @@ class ModboxKernel(Kernel):
         warning = self.modbox.expiry_warning()
         if warning:
             relay.stream("stderr", warning + "\n")
+        if self.modbox.copy_notice:
+            relay.stream("stderr", f"Modbox: {self.modbox.copy_notice}.\n")
+            self.modbox.copy_notice = None
         if self.modbox.lost_notice:
             notice = self.modbox.lost_notice
             self.modbox.lost_notice = None

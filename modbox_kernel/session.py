@@ -50,6 +50,7 @@ from .errors import (
     SandboxLostError,
     ServiceUnreachableError,
 )
+from .workdir import Packed, pack_folder
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class SessionConfig:
     ttl_seconds: int = 3600
     env_vars: dict[str, str] = field(default_factory=dict)
     startup_timeout: float = 120.0
+    copy_folder: str | None = None  # copied into each new sandbox's working directory
+    copy_limit: int = 32 * 1024 * 1024  # bytes of files; beyond it nothing is copied
 
     @property
     def resolved_backend(self) -> str:
@@ -140,6 +143,8 @@ class SandboxSession:
         self._closed = False
         # Set when a sandbox was lost, so the next cell can say that state is gone.
         self.lost_notice: str | None = None
+        # Set when the notebook's folder was not copied into a new sandbox, and why.
+        self.copy_notice: str | None = None
         self.running_cell: str | None = None
         self._ttl_warned: str | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -225,10 +230,26 @@ class SandboxSession:
     async def _provision(self) -> _Sandbox:
         t0 = time.monotonic()
         cfg = self.config
+        # Packing the notebook's folder needs no sandbox: do it while one is made.
+        packing = (
+            asyncio.ensure_future(asyncio.to_thread(pack_folder, cfg.copy_folder, cfg.copy_limit))
+            if cfg.copy_folder
+            else None
+        )
         try:
-            client = await self._get_client()
-        except ModboxError as exc:
-            raise ProvisioningError(f"could not start a Modbox sandbox: {exc}") from exc
+            try:
+                client = await self._get_client()
+            except ModboxError as exc:
+                raise ProvisioningError(f"could not start a Modbox sandbox: {exc}") from exc
+            return await self._provision_sandbox(t0, client, packing)
+        finally:
+            if packing is not None:
+                packing.cancel()  # a no-op when done; else its result is not wanted
+
+    async def _provision_sandbox(
+        self, t0: float, client: ModboxClient, packing: asyncio.Future[Packed] | None
+    ) -> _Sandbox:
+        cfg = self.config
         api_key = secrets.token_urlsafe(24)
         env = dict(cfg.env_vars)
         env["SANDBOX_API_KEY"] = api_key
@@ -257,9 +278,14 @@ class SandboxSession:
             runtime = client.runtime(info, api_key)
             # The whole start, agent included, fits in MODBOX_STARTUP_TIMEOUT.
             state_dir, agent_file = await asyncio.wait_for(self._install_agent(runtime), left())
-            agent_info = await asyncio.wait_for(
-                self._start_agent(runtime, state_dir, agent_file), left()
-            )
+            starting = asyncio.wait_for(self._start_agent(runtime, state_dir, agent_file), left())
+            if packing is None:
+                agent_info = await starting
+            else:
+                # The copy goes alongside the agent's start (it never raises).
+                agent_info, _ = await asyncio.gather(
+                    starting, self._copy_folder(runtime, state_dir, agent_file, packing, left)
+                )
         except BaseException as exc:
             # Never leave a half-made sandbox behind, whatever went wrong.
             with contextlib.suppress(Exception):
@@ -301,6 +327,53 @@ class SandboxSession:
         name = f"modbox-agent-{agent_mod.AGENT_VERSION}.py"
         agent_file = await self._put_file(runtime, state_dir, name, agent_mod.agent_source())
         return state_dir, agent_file
+
+    async def _copy_folder(
+        self,
+        runtime: SandboxRuntime,
+        state_dir: str,
+        agent_file: str,
+        packing: asyncio.Future[Packed],
+        left: Callable[[], float],
+    ) -> None:
+        """Copy the notebook's folder into the new sandbox's working directory.
+
+        Called by :meth:`_provision` while the agent starts (the agent and its cells run
+        in the exec's default directory, which is where this unpacks). A folder that is
+        too big, or a copy that fails, leaves the sandbox usable: the reason goes to
+        :attr:`copy_notice`, which the kernel shows in the next cell.
+        """
+        folder = self.config.copy_folder
+        try:
+            packed = await asyncio.wait_for(asyncio.shield(packing), left())
+            if packed.skipped or packed.archive is None:
+                self.copy_notice = packed.skipped
+                return
+            name = f"modbox-folder-{uuid.uuid4().hex[:12]}.tar.gz"
+            upload_dir = posixpath.dirname(agent_file)
+            path = await asyncio.wait_for(
+                self._put_file(
+                    runtime,
+                    state_dir,
+                    name,
+                    packed.archive,
+                    upload_dir=None if upload_dir == state_dir else upload_dir,
+                ),
+                left(),
+            )
+            res = await runtime.exec(_unpack_command(path), read_timeout=max(10.0, left()))
+            if res.exit_code != 0:
+                raise AgentError(f"unpacking failed: {_tail(res)}")
+        except Exception as exc:  # a convenience: never a reason to fail the sandbox
+            log.warning("could not copy %s into the sandbox: %s", folder, exc)
+            self.copy_notice = f"the files of {folder} could not be copied into the sandbox ({exc})"
+            return
+        log.info(
+            "copied %d files (%.1f MiB) of %s into the sandbox",
+            packed.files,
+            packed.size / 2**20,
+            folder,
+        )
 
     async def _start_agent(
         self, runtime: SandboxRuntime, state_dir: str, agent_file: str
@@ -665,6 +738,16 @@ class _AgentUnreachable(Exception):
 
 def _transient(exc: ApiError) -> bool:
     return exc.status_code in (408, 425, 429, 502, 503, 504)
+
+
+def _unpack_command(archive: str) -> str:
+    """Unpack a gzip'd tar in the exec's directory and remove it: tar, else Python."""
+    a = shlex.quote(archive)
+    python = "import sys, tarfile; tarfile.open(sys.argv[1]).extractall()"
+    return (
+        f"if command -v tar >/dev/null 2>&1; then tar -xzf {a}; "
+        f"else python3 -c {shlex.quote(python)} {a}; fi; rc=$?; rm -f {a}; exit $rc"
+    )
 
 
 def _tail(res: ExecResult, limit: int = 300) -> str:
