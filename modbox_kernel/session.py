@@ -279,13 +279,20 @@ class SandboxSession:
             # The whole start, agent included, fits in MODBOX_STARTUP_TIMEOUT.
             state_dir, agent_file = await asyncio.wait_for(self._install_agent(runtime), left())
             starting = asyncio.wait_for(self._start_agent(runtime, state_dir, agent_file), left())
+            copy_notice = None
             if packing is None:
                 agent_info = await starting
             else:
-                # The copy goes alongside the agent's start (it never raises).
-                agent_info, _ = await asyncio.gather(
-                    starting, self._copy_folder(runtime, state_dir, agent_file, packing, left)
+                # The copy goes alongside the agent's start; it never raises.
+                copying = asyncio.ensure_future(
+                    self._copy_folder(runtime, state_dir, agent_file, packing, left)
                 )
+                try:
+                    agent_info = await starting
+                    copy_notice = await copying
+                except BaseException:
+                    copying.cancel()
+                    raise
         except BaseException as exc:
             # Never leave a half-made sandbox behind, whatever went wrong.
             with contextlib.suppress(Exception):
@@ -307,6 +314,7 @@ class SandboxSession:
             created=t0,  # no later than the service's own clock for its TTL
         )
         self._sandbox = sandbox
+        self.copy_notice = copy_notice
         log.info(
             "sandbox %s ready in %.2f s (python %s, ipython %s)",
             info.id,
@@ -335,20 +343,20 @@ class SandboxSession:
         agent_file: str,
         packing: asyncio.Future[Packed],
         left: Callable[[], float],
-    ) -> None:
+    ) -> str | None:
         """Copy the notebook's folder into the new sandbox's working directory.
 
         Called by :meth:`_provision` while the agent starts (the agent and its cells run
         in the exec's default directory, which is where this unpacks). A folder that is
-        too big, or a copy that fails, leaves the sandbox usable: the reason goes to
-        :attr:`copy_notice`, which the kernel shows in the next cell.
+        too big, or a copy that fails, leaves the sandbox usable: the reason is returned
+        and becomes :attr:`copy_notice` (the kernel shows it in the next cell) once the
+        sandbox is ready.
         """
         folder = self.config.copy_folder
         try:
             packed = await asyncio.wait_for(asyncio.shield(packing), left())
             if packed.skipped or packed.archive is None:
-                self.copy_notice = packed.skipped
-                return
+                return packed.skipped
             name = f"modbox-folder-{uuid.uuid4().hex[:12]}.tar.gz"
             upload_dir = posixpath.dirname(agent_file)
             path = await asyncio.wait_for(
@@ -366,14 +374,14 @@ class SandboxSession:
                 raise AgentError(f"unpacking failed: {_tail(res)}")
         except Exception as exc:  # a convenience: never a reason to fail the sandbox
             log.warning("could not copy %s into the sandbox: %s", folder, exc)
-            self.copy_notice = f"the files of {folder} could not be copied into the sandbox ({exc})"
-            return
+            return f"the files of {folder} could not be copied into the sandbox ({exc})"
         log.info(
             "copied %d files (%.1f MiB) of %s into the sandbox",
             packed.files,
             packed.size / 2**20,
             folder,
         )
+        return None
 
     async def _start_agent(
         self, runtime: SandboxRuntime, state_dir: str, agent_file: str
