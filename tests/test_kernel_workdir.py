@@ -143,6 +143,23 @@ def test_copying_can_be_turned_off(kernel_in: Any, folder: Path) -> None:
     assert not any(_present(kc).values())
 
 
+@only_modbox("copying the folder is what modbox-python adds")
+def test_a_replacement_sandbox_gets_the_folder_again(
+    request: pytest.FixtureRequest, kernel_in: Any, folder: Path
+) -> None:
+    service = request.getfixturevalue("local_service")
+    kc = kernel_in(folder)
+    first = run_cell(kc, "import os\nprint(os.environ['MODBOX_SANDBOX_ID'])")
+    assert first.status == "ok", first.describe()
+    with service.client() as control:
+        assert control.delete(f"/sandboxes/{first.stdout.strip()}").status_code == 200
+    lost = run_cell(kc, "print('in the lost sandbox')")
+    assert lost.status == "error", lost.describe()  # the loss is reported in a cell
+    again = run_cell(kc, "print(open('data.csv').read(), end='')")
+    assert again.status == "ok", again.describe()
+    assert again.stdout == "x,y\n1,2\n3,4\n"
+
+
 def test_a_home_folder_is_never_packed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(folder))
     packed = pack_folder(str(folder), limit=10**9)
