@@ -181,6 +181,10 @@ def main() -> None:
             reply = kc.get_shell_msg(timeout=60)
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
+        # Until its idle status, ipykernel may still abort requests that follow an
+        # error reply (stop_on_error): send the next cell only after it.
+        for _ in iopub_of(kc, msg_id, 60):
+            pass
         _, _, after = run_cell(kc, "1+1")
         agent_restart.append(time.perf_counter() - t0)
         assert after["content"]["status"] == "ok", after["content"]

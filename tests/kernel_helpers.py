@@ -182,6 +182,14 @@ class CellRun:
     def status(self) -> str:
         return str(self.reply.get("content", {}).get("status"))
 
+    @property
+    def done(self) -> bool:
+        """Reply and idle both arrived. Wait for this, not the reply alone, before the
+        next request: after an error reply ipykernel aborts requests that reach it
+        before it has finished the erroring one (stop_on_error), so a next cell sent
+        on the reply alone can come back ``aborted``."""
+        return self.idle and bool(self.reply)
+
     def describe(self) -> str:
         """A compact account of the run, for assertion messages."""
         parts = [f"reply status={self.status}"]
@@ -258,7 +266,7 @@ def _next(get: Callable[..., dict[str, Any]], timeout: float = 0) -> dict[str, A
 def run_cell(kc: BlockingKernelClient, code: str, timeout: float = 60.0) -> CellRun:
     """Execute ``code`` (stdin not allowed) and collect until both reply and idle arrived."""
     run = submit(kc, code, allow_stdin=False)
-    if not pump(kc, run, lambda: run.idle and bool(run.reply), timeout):
+    if not pump(kc, run, lambda: run.done, timeout):
         raise TimeoutError(f"cell did not finish within {timeout} s; so far:\n{run.describe()}")
     return run
 

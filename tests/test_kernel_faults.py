@@ -244,7 +244,7 @@ def test_an_unreachable_service_ends_the_cell_with_a_sentence(env: Setup) -> Non
 
     env.proxy.go_down()
     down_at = time.monotonic()
-    ended = pump(env.kc, run, lambda: bool(run.reply), 120)
+    ended = pump(env.kc, run, lambda: run.done, 120)
 
     assert ended, f"the cell hangs while the service is unreachable:\n{run.describe()}"
     took = run.reply_at - down_at

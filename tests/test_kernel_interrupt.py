@@ -84,7 +84,7 @@ def interrupt(kernel: Kernel, mode: str) -> float:
 
 def finish(kernel: Kernel, run: CellRun, sent: float, timeout: float) -> float:
     """Wait for the interrupted cell's reply, an error; the seconds since ``sent``."""
-    done = pump(kernel.kc, run, lambda: bool(run.reply), timeout)
+    done = pump(kernel.kc, run, lambda: run.done, timeout)
     assert done, f"no execute_reply within {timeout} s of the interrupt:\n{run.describe()}"
     assert run.reply["content"]["status"] == "error", run.describe()
     return run.reply_at - sent

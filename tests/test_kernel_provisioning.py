@@ -119,6 +119,14 @@ def test_a_startup_timeout_is_named_and_leaves_no_sandbox(
     assert wait_until(lambda: not (running() - before), timeout=10), running() - before
 
 
+def _is_idle_of(msg: dict[str, Any], msg_id: str) -> bool:
+    return (
+        msg["parent_header"].get("msg_id") == msg_id
+        and msg["msg_type"] == "status"
+        and msg["content"]["execution_state"] == "idle"
+    )
+
+
 def _embedded_services(kernel: Any) -> list[Any]:
     return [c for c in kernel.children() if "modbox_kernel.local" in " ".join(c.cmdline())]
 
@@ -143,6 +151,8 @@ def test_a_dead_embedded_service_is_a_lost_sandbox_and_is_restarted(kernel_with:
             break
     took = time.monotonic() - killed_at
     content = reply["content"]
+    while not _is_idle_of(kc.get_iopub_msg(timeout=30), msg_id):
+        pass  # the next cell only after this one's idle (see CellRun.done)
     assert content["ename"] == "SandboxLost", content
     assert "embedded Modbox service stopped" in content["evalue"], content["evalue"]
     assert took < 5, f"the cell took {took:.1f} s to end after the service died"

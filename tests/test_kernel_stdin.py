@@ -79,7 +79,7 @@ class StdinCell:
         return prompt
 
     def finish(self, timeout: float = 60) -> CellRun:
-        done = self.pump(lambda: bool(self.run.reply), timeout)
+        done = self.pump(lambda: self.run.done, timeout)
         assert done, f"no execute_reply:\n{self.run.describe()}"
         return self.run
 
