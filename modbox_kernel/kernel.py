@@ -173,7 +173,7 @@ class ModboxKernel(Kernel):
                 ttl_seconds=self.ttl_seconds,
                 env_vars=dict(self.sandbox_env),
                 startup_timeout=self.startup_timeout,
-                copy_folder=os.getcwd() if self.copy_workdir else None,
+                copy_folder=_working_directory() if self.copy_workdir else None,
                 copy_limit=max(0, self.copy_limit),
             )
         )
@@ -770,6 +770,14 @@ class _Relay:
 
 class _InputCancelled(Exception):
     """An interrupt arrived while the frontend was being asked for input."""
+
+
+def _working_directory() -> str | None:
+    """The folder Jupyter started the kernel in (the notebook's), if it still exists."""
+    try:
+        return os.getcwd()
+    except OSError:  # removed since: nothing to copy
+        return None
 
 
 def _red(text: str) -> str:
