@@ -263,7 +263,7 @@ class _Gate:
 
 
 def _warm_up_jedi(gate: _Gate) -> None:
-    """Run jedi's first completion (about 0.5 s of CPU) on a background thread.
+    """Run jedi's first completion (1-2 s of CPU in a fresh sandbox) on a background thread.
 
     It starts once the agent is quiet and steps aside whenever it works again (a
     request is served or a cell runs). A CPU-bound thread makes every other thread wait
