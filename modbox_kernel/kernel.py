@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import contextlib
 import os
 import platform
@@ -45,6 +46,8 @@ STREAM_FLUSH_BYTES = 64 * 1024
 INTERRUPT_GRACE = 3.0
 # A first line of this form sets a time limit for one cell (seconds).
 TIMEOUT_MAGIC = "%%modbox_timeout"
+# Comm messages (ipywidgets) in both directions, relayed as they are.
+COMM_MSG_TYPES = ("comm_open", "comm_msg", "comm_close")
 
 
 def _env(name: str, fallback: str = "") -> str:
@@ -187,6 +190,8 @@ class ModboxKernel(Kernel):
         self._tasks: set[asyncio.Future[Any]] = set()
         self._shutdown_done = threading.Event()
         atexit.register(self._atexit)
+        for msg_type in COMM_MSG_TYPES:
+            self.shell_handlers[msg_type] = self._comm_message
 
     def start(self) -> None:
         super().start()
@@ -203,6 +208,44 @@ class ModboxKernel(Kernel):
         if version:
             info["language_info"] = {**self.language_info, "version": version}
         return info
+
+    # -- comms (ipywidgets): the frontend's side ------------------------------------
+
+    async def _comm_message(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """A frontend's comm_open / comm_msg / comm_close: on to the sandbox's comms.
+
+        What the handlers there publish (a widget's echo, output of an ``observe``
+        callback) goes to IOPub with this message as parent, as ipykernel does.
+        """
+        buffers = [base64.b64encode(bytes(b)).decode("ascii") for b in parent.get("buffers") or []]
+        try:
+            events = await self.modbox.comm(
+                parent["header"]["msg_type"],
+                dict(parent.get("content") or {}),
+                dict(parent.get("metadata") or {}),
+                buffers,
+                _header_of(parent),
+            )
+        except ModboxError as exc:
+            self.log.warning("a comm message could not reach the sandbox: %s", exc)
+            return
+        relay = _Relay(self, silent=False)
+        for event in events:
+            await relay.event(event)
+        relay.flush()
+
+    async def comm_info_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        comms: dict[str, Any] = {}
+        if self.modbox.ready:
+            target = (parent.get("content") or {}).get("target_name")
+            try:
+                reply = await self.modbox.query("comm_info", target_name=target)
+                comms = dict(reply.get("comms") or {})
+            except ModboxError as exc:
+                self.log.warning("comm_info failed: %s", exc)
+        if self.session:
+            content = {"status": "ok", "comms": comms}
+            self.session.send(stream, "comm_info_reply", content, parent, ident)
 
     async def create_subshell_request(self, socket: Any, ident: Any, parent: Any) -> None:
         if self.session:
@@ -294,6 +337,7 @@ class ModboxKernel(Kernel):
             allow_stdin=allow_stdin,
             execution_count=self.execution_count,
             output_limit=max(0, self.output_limit),
+            parent_header=_header_of(self.get_parent("shell")),
         )
         relay = _Relay(self, silent, output_limit=max(0, self.output_limit))
         self._interrupts = 0
@@ -732,6 +776,14 @@ class _Relay:
             content.setdefault("data", {})
             if kind != "execute_result":
                 content.setdefault("transient", {})
+        if kind in COMM_MSG_TYPES:
+            # Published even for silent requests (ipykernel does too): widget state.
+            metadata = content.pop("_metadata", {})
+            buffers = [base64.b64decode(b) for b in content.pop("_buffers", [])]
+            self.kernel.send_response(
+                self.kernel.iopub_socket, str(kind), content, metadata=metadata, buffers=buffers
+            )
+            return
         if kind in (
             "display_data",
             "update_display_data",
@@ -770,6 +822,12 @@ class _Relay:
 
 class _InputCancelled(Exception):
     """An interrupt arrived while the frontend was being asked for input."""
+
+
+def _header_of(message: Any) -> dict[str, Any]:
+    """The parts of a request's header the sandbox may see (no signature, no date)."""
+    header = message.get("header", {}) if isinstance(message, dict) else {}
+    return {k: str(header[k]) for k in ("msg_id", "msg_type", "session") if k in header}
 
 
 def _working_directory() -> str | None:

@@ -109,6 +109,9 @@ class CellRequest:
     execution_count: int = 1
     output_limit: int = 0  # bytes of stream text per cell; 0 = unlimited
     cell_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The frontend's request header (msg_id, msg_type, session): ipywidgets' Output
+    # widget asks for it to claim the output of the request that is running.
+    parent_header: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -617,6 +620,7 @@ class SandboxSession:
             "allow_stdin": cell.allow_stdin,
             "execution_count": cell.execution_count,
             "output_limit": cell.output_limit,
+            "parent_header": cell.parent_header,
             "wait": SUBMIT_WAIT,
             "since": 0,
         }
@@ -738,6 +742,34 @@ class SandboxSession:
         answer = await self._guarded(sandbox, self._request(sandbox, {"op": op, **fields}))
         reply = answer.get("reply")
         return reply if isinstance(reply, dict) else {}
+
+    async def comm(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any],
+        buffers: list[str],
+        parent_header: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        """Hand a frontend's comm message to the agent; returns the events it caused.
+
+        Called by the kernel's ``comm_*`` shell handlers. Without a sandbox there are no
+        comms to talk to (the one that opened them is gone): nothing happens.
+        """
+        sandbox = self._sandbox
+        if sandbox is None:
+            return []
+        request = {
+            "op": "comm",
+            "msg_type": msg_type,
+            "content": content,
+            "metadata": metadata,
+            "buffers": buffers,
+            "parent_header": parent_header,
+        }
+        answer = await self._guarded(sandbox, self._request(sandbox, request))
+        events = answer.get("events")
+        return events if isinstance(events, list) else []
 
 
 class _AgentUnreachable(Exception):

@@ -318,6 +318,59 @@ def truncation_notice(limit: int) -> str:
     )
 
 
+class _KernelFacade:
+    """``get_ipython().kernel`` for ipywidgets' Output widget, which asks it for the
+    request being handled (to claim that request's output); nothing else is offered.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    def get_parent(self, channel: Optional[str] = None) -> Dict[str, Any]:
+        cell = self._agent.current
+        if cell is None or not cell.parent_header:
+            return {}
+        return {"header": dict(cell.parent_header)}
+
+
+def _install_comms(agent: Agent) -> Any:
+    """Make the ``comm`` package (ipywidgets' transport) send through the agent.
+
+    Kernels are meant to replace ``comm.create_comm`` and ``comm.get_comm_manager``
+    (ipykernel does the same): a comm this process opens, sends or closes becomes a
+    ``comm_open`` / ``comm_msg`` / ``comm_close`` event of the running cell or comm
+    request, and the returned manager receives the frontend's comm messages
+    (:meth:`Agent.op_comm`). None when ``comm`` is not importable here.
+    """
+    try:
+        import comm
+        from comm.base_comm import BaseComm, CommManager
+    except ImportError:
+        return None
+
+    class AgentComm(BaseComm):
+        def publish_msg(
+            self,
+            msg_type: str,
+            data: Optional[Dict[str, Any]] = None,
+            metadata: Optional[Dict[str, Any]] = None,
+            buffers: Optional[List[Any]] = None,
+            **keys: Any,
+        ) -> None:
+            event = {"type": msg_type, **keys, "comm_id": self.comm_id, "data": data or {}}
+            event["_metadata"] = metadata or {}
+            event["_buffers"] = [base64.b64encode(bytes(b)).decode("ascii") for b in buffers or []]
+            agent.emit(event)
+
+    manager = CommManager()
+    comm.create_comm = AgentComm
+    comm.get_comm_manager = lambda: manager
+    shell = getattr(agent.runner, "shell", None)
+    if shell is not None and getattr(shell, "kernel", None) is None:
+        shell.kernel = _KernelFacade(agent)
+    return manager
+
+
 class Cell:
     """One ``execute`` request and the numbered events it produced.
 
@@ -332,6 +385,7 @@ class Cell:
         self.store_history = bool(req.get("store_history", not self.silent))
         self.user_expressions: Dict[str, str] = dict(req.get("user_expressions") or {})
         self.allow_stdin = bool(req.get("allow_stdin", False))
+        self.parent_header: Dict[str, Any] = dict(req.get("parent_header") or {})
         count = req.get("execution_count")
         self.execution_count = int(count) if count is not None else default_count
         self.events: List[Event] = []
@@ -1122,6 +1176,7 @@ class Agent:
         self.runner: Optional[Runner] = None
         self.ready = threading.Event()
         self.jedi_warm_up: Optional[threading.Thread] = None
+        self.comm_manager: Any = None  # comm.base_comm.CommManager, once the runner exists
         self.io = OutputCapture(self, log_fd)
         self.main_ident = threading.get_ident()
         self.pid = os.getpid()
@@ -1307,6 +1362,7 @@ class Agent:
             runner = FallbackRunner(self)
         self.runner = runner
         self.mode = runner.mode
+        self.comm_manager = _install_comms(self)
         self.ready.set()
         log.info("runner ready: %s", self.mode)
         if self.ipython_version:
@@ -1508,6 +1564,64 @@ class Agent:
         except TimeoutError as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "reply": _snapshot(reply)}
+
+    def op_comm(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """A frontend's ``comm_open`` / ``comm_msg`` / ``comm_close``, handled on the main
+        thread between cells (as ipykernel handles them between execute requests).
+
+        What the handlers publish or print (a widget's echo, an ``observe`` callback's
+        output) is collected like a cell's events and returned with the answer.
+        """
+        manager = self.comm_manager
+        kind = str(req.get("msg_type"))
+        if manager is None or kind not in ("comm_open", "comm_msg", "comm_close"):
+            return {"ok": True, "events": []}
+        msg = {
+            "header": {"msg_type": kind},
+            "content": dict(req.get("content") or {}),
+            "metadata": dict(req.get("metadata") or {}),
+            "buffers": [base64.b64decode(b) for b in req.get("buffers") or []],
+        }
+
+        def run() -> List[Event]:
+            pseudo = Cell(
+                {"id": "comm-" + secrets.token_hex(8), "parent_header": req.get("parent_header")}, 0
+            )
+            with self.io.lock:
+                for fd in self.io.fds:  # earlier output is not this request's
+                    self.io._read_available(fd)
+                pseudo.state = "running"
+                self.current = pseudo
+            try:
+                getattr(manager, kind)(None, None, msg)
+            finally:
+                self.io.flush_c_stdio()
+                self.io.drain()
+                with self.io.lock:
+                    self.current = None
+            with self.cond:
+                events = list(pseudo.events)
+            for event in events:
+                if "_parts" in event:
+                    event["text"] = "".join(event.pop("_parts"))
+                    del event["_len"]
+            return events
+
+        try:
+            events = self.call_on_main(run)
+        except TimeoutError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "events": events}
+
+    def op_comm_info(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        manager = self.comm_manager
+        target = req.get("target_name")
+        comms = {
+            comm_id: {"target_name": c.target_name}
+            for comm_id, c in list((manager.comms if manager else {}).items())
+            if target is None or c.target_name == target
+        }
+        return {"ok": True, "reply": {"comms": comms}}
 
     def op_complete(self, req: Dict[str, Any]) -> Dict[str, Any]:
         code = str(req.get("code", ""))
