@@ -226,7 +226,7 @@ class ModboxKernel(Kernel):
                 buffers,
                 _header_of(parent),
             )
-        except ModboxError as exc:
+        except Exception as exc:  # a lost sandbox is reported by the next cell
             self.log.warning("a comm message could not reach the sandbox: %s", exc)
             return
         relay = _Relay(self, silent=False)
