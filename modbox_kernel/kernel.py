@@ -214,24 +214,32 @@ class ModboxKernel(Kernel):
     async def _comm_message(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """A frontend's comm_open / comm_msg / comm_close: on to the sandbox's comms.
 
-        What the handlers there publish (a widget's echo, output of an ``observe``
-        callback) goes to IOPub with this message as parent, as ipykernel does.
+        It travels like a cell (the agent runs the comm handlers instead of code), so
+        what they publish or print streams to IOPub with this message as parent, as
+        under ipykernel. Without a sandbox the comms it names are gone: nothing to do.
         """
-        buffers = [base64.b64encode(bytes(b)).decode("ascii") for b in parent.get("buffers") or []]
+        if not self.modbox.ready:
+            return
+        request = CellRequest(
+            code="",
+            store_history=False,
+            execution_count=self.execution_count,
+            output_limit=max(0, self.output_limit),
+            parent_header=_header_of(parent),
+            comm={
+                "msg_type": parent["header"]["msg_type"],
+                "content": dict(parent.get("content") or {}),
+                "metadata": dict(parent.get("metadata") or {}),
+                "buffers": [
+                    base64.b64encode(bytes(b)).decode("ascii") for b in parent.get("buffers") or []
+                ],
+            },
+        )
+        relay = _Relay(self, silent=False, output_limit=max(0, self.output_limit))
         try:
-            events = await self.modbox.comm(
-                parent["header"]["msg_type"],
-                dict(parent.get("content") or {}),
-                dict(parent.get("metadata") or {}),
-                buffers,
-                _header_of(parent),
-            )
+            await self.modbox.execute(request, relay.event)
         except Exception as exc:  # a lost sandbox is reported by the next cell
             self.log.warning("a comm message could not reach the sandbox: %s", exc)
-            return
-        relay = _Relay(self, silent=False)
-        for event in events:
-            await relay.event(event)
         relay.flush()
 
     async def comm_info_request(self, stream: Any, ident: Any, parent: Any) -> None:

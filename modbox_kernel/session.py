@@ -112,6 +112,9 @@ class CellRequest:
     # The frontend's request header (msg_id, msg_type, session): ipywidgets' Output
     # widget asks for it to claim the output of the request that is running.
     parent_header: dict[str, Any] = field(default_factory=dict)
+    # A frontend's comm message (msg_type, content, metadata, base64 buffers) for the
+    # sandbox's comms, handled instead of code: see the agent's ``_run_comm``.
+    comm: dict[str, Any] | None = None
 
 
 @dataclass
@@ -624,6 +627,8 @@ class SandboxSession:
             "wait": SUBMIT_WAIT,
             "since": 0,
         }
+        if cell.comm is not None:
+            payload["comm"] = cell.comm
         self.running_cell = cell.cell_id
         since = 0
         try:
@@ -742,34 +747,6 @@ class SandboxSession:
         answer = await self._guarded(sandbox, self._request(sandbox, {"op": op, **fields}))
         reply = answer.get("reply")
         return reply if isinstance(reply, dict) else {}
-
-    async def comm(
-        self,
-        msg_type: str,
-        content: dict[str, Any],
-        metadata: dict[str, Any],
-        buffers: list[str],
-        parent_header: dict[str, Any],
-    ) -> list[dict[str, Any]]:
-        """Hand a frontend's comm message to the agent; returns the events it caused.
-
-        Called by the kernel's ``comm_*`` shell handlers. Without a sandbox there are no
-        comms to talk to (the one that opened them is gone): nothing happens.
-        """
-        sandbox = self._sandbox
-        if sandbox is None:
-            return []
-        request = {
-            "op": "comm",
-            "msg_type": msg_type,
-            "content": content,
-            "metadata": metadata,
-            "buffers": buffers,
-            "parent_header": parent_header,
-        }
-        answer = await self._guarded(sandbox, self._request(sandbox, request))
-        events = answer.get("events")
-        return events if isinstance(events, list) else []
 
 
 class _AgentUnreachable(Exception):

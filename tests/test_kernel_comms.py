@@ -193,3 +193,59 @@ def test_interact_output_is_claimed_by_its_output_widget(
     assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
     assert ("output widget msg_id", "<this request>") in seen[KERNEL_NAME], seen
     assert ("stream", "x is 7\n") in seen[KERNEL_NAME], seen
+
+
+SLOW_BUTTON_CELL = (
+    "import time\n"
+    "import ipywidgets as w\n"
+    "button = w.Button(description='run')\n"
+    "def work(_):\n"
+    "    print('started', flush=True)\n"
+    "    time.sleep(11)\n"
+    "    print('finished', flush=True)\n"
+    "button.on_click(work)\n"
+    "button"
+)
+
+
+def test_a_long_button_callback_streams_its_output(request: pytest.FixtureRequest) -> None:
+    # A button that starts a long job: its output must arrive as it is printed and in
+    # full, however long the callback runs (longer than any single request to the
+    # sandbox may wait).
+    km, kc = start_kernel(KERNEL_NAME, env_for_kernel(request))
+    try:
+        created = run_cell(kc, SLOW_BUTTON_CELL)
+        assert created.status == "ok", created.describe()
+        (view,) = [
+            o["content"]["data"][WIDGET_VIEW]
+            for o in created.outputs
+            if o["msg_type"] == "execute_result"
+        ]
+        button = view["model_id"]
+        msg = kc.session.msg(
+            "comm_msg",
+            {"comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}},
+        )
+        sent = time.monotonic()
+        kc.shell_channel.send(msg)
+        arrivals: dict[str, float] = {}
+        idle_at = None
+        while idle_at is None and time.monotonic() - sent < 60:
+            try:
+                got = kc.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if got["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+                continue
+            if got["msg_type"] == "stream":
+                for line in got["content"]["text"].split():
+                    arrivals[line] = time.monotonic() - sent
+            if got["msg_type"] == "status" and got["content"]["execution_state"] == "idle":
+                idle_at = time.monotonic() - sent
+        assert idle_at is not None, f"no idle within 60 s; saw {arrivals}"
+        assert set(arrivals) == {"started", "finished"}, arrivals
+        assert arrivals["started"] < idle_at - 5, (arrivals, idle_at)  # streamed, not at the end
+        after = run_cell(kc, "print('still here')")
+        assert after.stdout == "still here\n", after.describe()
+    finally:
+        stop_kernel(km, kc)

@@ -386,6 +386,9 @@ class Cell:
         self.user_expressions: Dict[str, str] = dict(req.get("user_expressions") or {})
         self.allow_stdin = bool(req.get("allow_stdin", False))
         self.parent_header: Dict[str, Any] = dict(req.get("parent_header") or {})
+        # A frontend's comm message to handle instead of code (see Agent._run_comm).
+        comm = req.get("comm")
+        self.comm: Optional[Dict[str, Any]] = comm if isinstance(comm, dict) else None
         count = req.get("execution_count")
         self.execution_count = int(count) if count is not None else default_count
         self.events: List[Event] = []
@@ -1400,7 +1403,7 @@ class Agent:
                 try:
                     if cell.interrupt_requested:
                         raise KeyboardInterrupt
-                    done = runner.run(cell)
+                    done = self._run_comm(cell) if cell.comm is not None else runner.run(cell)
                 finally:
                     self._in_user_code = False
         except BaseException as exc:
@@ -1430,7 +1433,8 @@ class Agent:
                 self._append(cell, done_event)
                 cell.state = "finished"
             self.current = None
-        self.last_count = max(self.last_count, cell.execution_count)
+        if cell.comm is None:
+            self.last_count = max(self.last_count, cell.execution_count)
         log.info("cell %s finished: %s in %.3f s", cell.id, done["status"], time.monotonic() - t0)
 
     def call_on_main(self, fn: Callable[[], Any]) -> Any:
@@ -1565,53 +1569,27 @@ class Agent:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "reply": _snapshot(reply)}
 
-    def op_comm(self, req: Dict[str, Any]) -> Dict[str, Any]:
-        """A frontend's ``comm_open`` / ``comm_msg`` / ``comm_close``, handled on the main
-        thread between cells (as ipykernel handles them between execute requests).
+    def _run_comm(self, cell: Cell) -> Dict[str, Any]:
+        """Handle a frontend's ``comm_open`` / ``comm_msg`` / ``comm_close`` (main thread).
 
-        What the handlers publish or print (a widget's echo, an ``observe`` callback's
-        output) is collected like a cell's events and returned with the answer.
+        It arrives as an ``execute`` carrying ``comm`` instead of code, so it queues
+        behind the running cell (as ipykernel handles it between execute requests),
+        and what its handlers publish or print (a widget's echo, an ``observe``
+        callback's output, a button's long job) streams back like a cell's events,
+        interrupts included.
         """
+        request = cell.comm or {}
+        kind = str(request.get("msg_type"))
         manager = self.comm_manager
-        kind = str(req.get("msg_type"))
-        if manager is None or kind not in ("comm_open", "comm_msg", "comm_close"):
-            return {"ok": True, "events": []}
-        msg = {
-            "header": {"msg_type": kind},
-            "content": dict(req.get("content") or {}),
-            "metadata": dict(req.get("metadata") or {}),
-            "buffers": [base64.b64decode(b) for b in req.get("buffers") or []],
-        }
-
-        def run() -> List[Event]:
-            pseudo = Cell(
-                {"id": "comm-" + secrets.token_hex(8), "parent_header": req.get("parent_header")}, 0
-            )
-            with self.io.lock:
-                for fd in self.io.fds:  # earlier output is not this request's
-                    self.io._read_available(fd)
-                pseudo.state = "running"
-                self.current = pseudo
-            try:
-                getattr(manager, kind)(None, None, msg)
-            finally:
-                self.io.flush_c_stdio()
-                self.io.drain()
-                with self.io.lock:
-                    self.current = None
-            with self.cond:
-                events = list(pseudo.events)
-            for event in events:
-                if "_parts" in event:
-                    event["text"] = "".join(event.pop("_parts"))
-                    del event["_len"]
-            return events
-
-        try:
-            events = self.call_on_main(run)
-        except TimeoutError as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "events": events}
+        if manager is not None and kind in ("comm_open", "comm_msg", "comm_close"):
+            msg = {
+                "header": {"msg_type": kind},
+                "content": dict(request.get("content") or {}),
+                "metadata": dict(request.get("metadata") or {}),
+                "buffers": [base64.b64decode(b) for b in request.get("buffers") or []],
+            }
+            getattr(manager, kind)(None, None, msg)
+        return {"status": "ok", "user_expressions": {}, "payload": []}
 
     def op_comm_info(self, req: Dict[str, Any]) -> Dict[str, Any]:
         manager = self.comm_manager
