@@ -51,6 +51,7 @@ def _send(
 
 
 def _send_msg(kc: BlockingKernelClient, msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send ``msg``; its IOPub messages up to idle, each with its ``arrived`` time."""
     kc.shell_channel.send(msg)
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 60
@@ -65,6 +66,7 @@ def _send_msg(kc: BlockingKernelClient, msg: dict[str, Any]) -> list[dict[str, A
             if got["content"]["execution_state"] == "idle":
                 return seen
             continue
+        got["arrived"] = time.monotonic()
         seen.append(got)
     raise AssertionError(f"no idle after {msg['msg_type']}; so far {seen}")
 
@@ -227,22 +229,14 @@ def test_a_long_button_callback_streams_its_output(request: pytest.FixtureReques
             {"comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}},
         )
         sent = time.monotonic()
-        kc.shell_channel.send(msg)
-        arrivals: dict[str, float] = {}
-        idle_at = None
-        while idle_at is None and time.monotonic() - sent < 60:
-            try:
-                got = kc.get_iopub_msg(timeout=0.5)
-            except queue.Empty:
-                continue
-            if got["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
-                continue
-            if got["msg_type"] == "stream":
-                for line in got["content"]["text"].split():
-                    arrivals[line] = time.monotonic() - sent
-            if got["msg_type"] == "status" and got["content"]["execution_state"] == "idle":
-                idle_at = time.monotonic() - sent
-        assert idle_at is not None, f"no idle within 60 s; saw {arrivals}"
+        seen = _send_msg(kc, msg)
+        idle_at = time.monotonic() - sent
+        arrivals = {
+            line: m["arrived"] - sent
+            for m in seen
+            if m["msg_type"] == "stream"
+            for line in m["content"]["text"].split()
+        }
         assert set(arrivals) == {"started", "finished"}, arrivals
         assert arrivals["started"] < idle_at - 5, (arrivals, idle_at)  # streamed, not at the end
         after = run_cell(kc, "print('still here')")
