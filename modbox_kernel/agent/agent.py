@@ -1575,8 +1575,8 @@ class Agent:
         It arrives as an ``execute`` carrying ``comm`` instead of code, so it queues
         behind the running cell (as ipykernel handles it between execute requests),
         and what its handlers publish or print (a widget's echo, an ``observe``
-        callback's output, a button's long job) streams back like a cell's events,
-        interrupts included.
+        callback's output, a button's long job) streams back like a cell's events.
+        (The kernel sends no interrupts for it: its interrupt stops cells only.)
         """
         request = cell.comm or {}
         kind = str(request.get("msg_type"))
