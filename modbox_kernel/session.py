@@ -129,10 +129,8 @@ class _Sandbox:
 
     @property
     def upload_dir(self) -> str | None:
-        """Where uploads land in this sandbox; None when the agent had to be written
-        with exec because uploads did not work."""
-        directory = posixpath.dirname(self.agent_file)
-        return None if directory == self.state_dir else directory
+        """Where uploads land in this sandbox (see :func:`_upload_dir`)."""
+        return _upload_dir(self.state_dir, self.agent_file)
 
     created: float = field(default_factory=time.monotonic)
 
@@ -364,14 +362,13 @@ class SandboxSession:
             if packed.skipped or packed.archive is None:
                 return packed.skipped
             name = f"modbox-folder-{uuid.uuid4().hex[:12]}.tar.gz"
-            upload_dir = posixpath.dirname(agent_file)
             path = await asyncio.wait_for(
                 self._put_file(
                     runtime,
                     state_dir,
                     name,
                     packed.archive,
-                    upload_dir=None if upload_dir == state_dir else upload_dir,
+                    upload_dir=_upload_dir(state_dir, agent_file),
                 ),
                 left(),
             )
@@ -755,6 +752,13 @@ class _AgentUnreachable(Exception):
 
 def _transient(exc: ApiError) -> bool:
     return exc.status_code in (408, 425, 429, 502, 503, 504)
+
+
+def _upload_dir(state_dir: str, agent_file: str) -> str | None:
+    """Where uploads land, learned from where the agent's own upload landed; None when
+    the agent had to be written with exec (into ``state_dir``) because uploads failed."""
+    directory = posixpath.dirname(agent_file)
+    return None if directory == state_dir else directory
 
 
 def _unpack_command(archive: str) -> str:
