@@ -1,7 +1,7 @@
 """The Modbox client: control plane (:class:`ModboxClient`) and runtime (:class:`SandboxRuntime`).
 
 Used by ``modbox_kernel.session`` only; it speaks nothing but the documented Modbox
-API (``docs/api-client.md`` summarises the behaviour, ``modbox-api.md`` the API).
+API (``docs/api-client.md`` summarises the behaviour, ``docs/modbox-api.md`` the API).
 Failures are raised as :mod:`modbox_kernel.errors` classes whose ``str()`` is a
 sentence for the user; no token ever appears in a message, ``repr`` or log line.
 """

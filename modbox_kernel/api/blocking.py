@@ -1,8 +1,9 @@
 """A synchronous, never-raising destroy for interpreter-exit cleanup.
 
-The session registers :func:`destroy_sandbox_blocking` with ``atexit`` (design.md §3
-rule 8): at that point the event loop may be closed or gone, so this is plain sync
-httpx with one short attempt. It is the fallback layer; the TTL is the one after it.
+The session registers :func:`destroy_sandbox_blocking` with ``atexit``
+(``docs/architecture.md``, "Nothing leaks"): at that point the event loop may be closed
+or gone, so this is plain sync httpx with one short attempt. It is the fallback layer;
+the TTL is the one after it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The session (``modbox_kernel.session``) owns one :class:`ModboxClient` per kerne
 calls :meth:`ModboxClient.create_sandbox` then :meth:`~ModboxClient.wait_until_running`
 when the kernel starts, :meth:`~ModboxClient.runtime` to get the exec/upload side, and
 :meth:`~ModboxClient.destroy_sandbox` at shutdown. Only the documented canonical routes
-are used (design.md §3 rule 1), so the same code drives api.modbox.run and the
-embedded local service.
+are used (``docs/architecture.md``, "Only documented Modbox calls"), so the same code
+drives api.modbox.run and the embedded local service.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ __all__ = ["ModboxClient"]
 logger = logging.getLogger("modbox_kernel.api")
 
 # Longest single POST /wait: keep each long poll under proxy idle limits
-# (reliability.md §4.3); the loop in wait_until_running covers longer deadlines.
+# (docs/modbox-api.md, "Waiting for a sandbox"); the loop in wait_until_running covers
+# longer deadlines.
 _MAX_WAIT_CALL = 30.0
 
 _NOT_MODBOX_HINT = "check that MODBOX_API_URL points at a Modbox API"

@@ -2,7 +2,7 @@
 
 Sans-IO on purpose: :class:`~modbox_kernel.api.http.Requester` asks this module
 "may I retry, and after how long?" and does the sleeping itself, so the policy can be
-tested without a clock or a network (reliability.md §4.1).
+tested without a clock or a network (``docs/modbox-api.md``, "Retries").
 
 Two kinds of call exist:
 
@@ -107,7 +107,8 @@ class RetryPolicy:
         """Seconds to sleep after failed attempt number ``attempt`` (1-based).
 
         The jittered backoff spreads many kernels hitting one service apart; a
-        server's ``Retry-After`` is a floor, never shortened (reliability.md §4.1).
+        server's ``Retry-After`` is a floor, never shortened (``docs/modbox-api.md``,
+        "Retries").
         """
         ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
         backoff = random.uniform(0.0, ceiling)

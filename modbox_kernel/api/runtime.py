@@ -5,10 +5,10 @@ once a sandbox runs; the session keeps one per sandbox and sends every agent req
 through :meth:`SandboxRuntime.exec`, so this object owns a keep-alive
 ``httpx.AsyncClient`` of its own (the exec round trip is the kernel's latency floor).
 
-Auth follows design.md §3 rule 1: the token Modbox issued at create time
-(``endpoint.access_token``) is tried first, the caller's ``SANDBOX_API_KEY`` second.
-A 401 proves the command did not run, so switching credential and sending again is
-safe even for an exec.
+Auth follows ``docs/modbox-api.md``, "Runtime auth": the token Modbox issued at create
+time (``endpoint.access_token``) is tried first, the caller's ``SANDBOX_API_KEY``
+second. A 401 proves the command did not run, so switching credential and sending again
+is safe even for an exec.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class SandboxRuntime(KeepAliveClient):
         self.exec_url = exec_url(info)
         self.upload_url = upload_url(info)
         # Issued token first: it is what current Modbox checks; SANDBOX_API_KEY is
-        # what the older guides describe (modbox-api.md §b.2).
+        # what the older guides describe (docs/modbox-api.md, "Runtime auth").
         self._tokens = [t for t in dict.fromkeys((info.access_token, api_key)) if t]
         super().__init__(
             self.exec_url,

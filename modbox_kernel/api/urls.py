@@ -1,7 +1,7 @@
 """Where requests go: base-URL checks, sandbox paths, runtime URLs, safe URL text.
 
-Pure functions used by :mod:`.client`, :mod:`.runtime` and :mod:`.blocking`. The
-runtime URL rules follow design.md §3 rule 1: prefer ``capabilities.exec`` /
+Pure functions used by :mod:`.client`, :mod:`.runtime` and :mod:`.blocking`. The runtime
+URL rules follow ``docs/modbox-api.md``, "Runtime URL": prefer ``capabilities.exec`` /
 ``capabilities.files`` (the SDK says paths differ between images), else the older
 guides' ``{sandbox_url}/modbox/api/...``.
 """
@@ -108,7 +108,8 @@ def _runtime_base(info: SandboxInfo) -> str:
     if info.sandbox_url:
         return info.sandbox_url.rstrip("/") + _RUNTIME_PREFIX
     if info.api_url:
-        # Unknown whether api_url already ends in /modbox/api (modbox-api.md §b.1).
+        # Unknown whether api_url already ends in /modbox/api (docs/modbox-api.md,
+        # "Runtime URL").
         base = info.api_url.rstrip("/")
         return base if base.endswith(_RUNTIME_PREFIX) else base + _RUNTIME_PREFIX
     raise SandboxError(

@@ -5,10 +5,10 @@ sandbox. Beyond either cap the answer is a 429 ``rate_limited`` envelope with a
 ``Retry-After`` header and a sentence the kernel can show as is ("the host is at
 capacity: N sandboxes running; try again shortly").
 
-Why a memory budget as well as a count: each sandbox may use up to its memory limit,
-so ``live * limit`` is what the host may be asked for at worst (reliability.md §8:
-admission about RAM / memory.max). The default budget (``__main__``) is twice the host's
-RAM: limits are ceilings that most notebooks never reach, and sandbox processes carry
+Why a memory budget as well as a count: each sandbox may use up to its memory limit, so
+``live * limit`` is what the host may be asked for at worst (``docs/isolation.md``,
+"Admission and capacity"). The default budget (``__main__``) is twice the host's RAM:
+limits are ceilings that most notebooks never reach, and sandbox processes carry
 ``oom_score_adj`` 1000, so if the host itself runs short the kernel kills inside a
 sandbox first, never the service or Jupyter.
 """

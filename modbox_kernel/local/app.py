@@ -12,8 +12,9 @@ anything else becomes a 500 ``internal_error`` envelope whose body holds no trac
 Host check: a service bound to loopback answers only requests whose ``Host`` names
 loopback (or the ``--public-url`` host); anything else gets a 403 envelope. The service
 is a code-execution endpoint, and a web page could otherwise reach it through DNS
-rebinding (reliability.md §3.5). Bound to another address, the operator chose to
-expose it and every Host is accepted (the token still guards every route but /health).
+rebinding (``docs/isolation.md``, "Service authentication and Host check"). Bound to
+another address, the operator chose to expose it and every Host is accepted (the token
+still guards every route but /health).
 """
 
 from __future__ import annotations

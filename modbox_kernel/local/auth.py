@@ -1,10 +1,10 @@
 """Bearer-token checks for the control plane and the per-sandbox runtime API.
 
 Who calls it: every authenticated route, first thing. Control-plane routes accept only
-the service token; a sandbox's runtime routes accept that sandbox's ``access_token``
-or the ``SANDBOX_API_KEY`` its creator put in ``env_vars`` (the two documented runtime
-credentials, modbox-api.md §b.2), and nothing of any other sandbox. Comparison is
-constant-time so response timing leaks no prefix of a token.
+the service token; a sandbox's runtime routes accept that sandbox's ``access_token`` or
+the ``SANDBOX_API_KEY`` its creator put in ``env_vars`` (the two documented runtime
+credentials, ``docs/modbox-api.md``, "Runtime auth"), and nothing of any other sandbox.
+Comparison is constant-time so response timing leaks no prefix of a token.
 """
 
 from __future__ import annotations

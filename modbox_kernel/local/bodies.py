@@ -4,7 +4,7 @@ Who calls it: the route modules. Every body is read through :func:`read_body` (o
 :func:`limited` request for multipart), which answers 413 as soon as the declared or
 actual size passes the limit, and the field helpers answer 422 with the Modbox
 envelope's ``details`` for a wrong type or range. Missing and ``null`` optional fields
-are treated alike (the SDK sends both, modbox-api.md §a.1).
+are treated alike (the SDK sends both, ``docs/modbox-api.md``, "Transport conventions").
 """
 
 from __future__ import annotations

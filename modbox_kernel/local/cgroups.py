@@ -7,16 +7,17 @@ sandbox (the jail launcher joins the returned ``procs_files``), reads
 cause of a death or a failed fork, and calls :meth:`SandboxCgroup.kill_and_remove`
 when destroying it.
 
-Why: bwrap enforces no resource limits (reliability.md §0.1), RLIMIT_AS is per process
-and RLIMIT_NPROC is per uid, so a memory and a pids cgroup are the only bound on one
-sandbox as a whole. Each sandbox gets a child of the cgroup the service itself runs in
-(never one higher up: a sandbox must stay inside whatever limits the service was
-given). cgroup v1 (separate ``memory``, ``pids`` and ``cpu`` hierarchies) and v2 (when
-the controllers can be enabled for our children) are supported; with neither writable
-the service runs without and says so. With a writable ``cpu`` controller every sandbox
-is one scheduling entity of equal weight, so a sandbox running 500 busy processes gets
-no more CPU than one running a single loop (fair share); a hard quota (``--cpus``) is
-optional, because on a small host it costs interactive latency (CFS throttling).
+Why: bwrap enforces no resource limits (``docs/isolation.md``, "Resource limits"),
+RLIMIT_AS is per process and RLIMIT_NPROC is per uid, so a memory and a pids cgroup are
+the only bound on one sandbox as a whole. Each sandbox gets a child of the cgroup the
+service itself runs in (never one higher up: a sandbox must stay inside whatever limits
+the service was given). cgroup v1 (separate ``memory``, ``pids`` and ``cpu``
+hierarchies) and v2 (when the controllers can be enabled for our children) are
+supported; with neither writable the service runs without and says so. With a writable
+``cpu`` controller every sandbox is one scheduling entity of equal weight, so a sandbox
+running 500 busy processes gets no more CPU than one running a single loop (fair share);
+a hard quota (``--cpus``) is optional, because on a small host it costs interactive
+latency (CFS throttling).
 
 All functions are blocking file-system calls; callers run them in a worker thread.
 """
@@ -218,7 +219,7 @@ def _probe(manager: CgroupManager) -> bool:
 
 
 def _write_v1_memory(d: Path, limit: int) -> None:
-    # memory.limit_in_bytes must be set before memsw (reliability.md §1.2, snekbox).
+    # memory.limit_in_bytes must be set before memsw (docs/isolation.md, "cgroups").
     (d / "memory.limit_in_bytes").write_text(str(limit))
     memsw = d / "memory.memsw.limit_in_bytes"
     if memsw.exists():
@@ -324,7 +325,7 @@ def _v2_base(mounts: list[tuple[str, str, str, set[str]]], own: dict[str, str]) 
             enabled = set((base / "cgroup.subtree_control").read_text().split())
             if not {"memory", "pids"} <= enabled:
                 # Fails with EBUSY while processes (we) live in base: the
-                # "no internal processes" rule (reliability.md §2.4).
+                # "no internal processes" rule (docs/isolation.md, "cgroups").
                 (base / "cgroup.subtree_control").write_text("+memory +pids")
             if "cpu" in controllers and "cpu" not in enabled:
                 with contextlib.suppress(OSError):  # optional: a quota, not a safety bound

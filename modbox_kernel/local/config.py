@@ -23,8 +23,8 @@ DEFAULT_SANDBOX_UID = 64000
 class Limits:
     """Per-sandbox, per-request and per-host limits.
 
-    Defaults follow reliability.md §8 (classroom starting point), loosened where the
-    notebook workloads we target (pip, pandas, matplotlib) need room.
+    Defaults are a classroom starting point, loosened where the notebook workloads we
+    target (pip, pandas, matplotlib) need room (``docs/isolation.md``, "Default limits").
     """
 
     exec_timeout_default: float = 300.0  # wall time of one exec

@@ -3,7 +3,8 @@
 Route handlers raise :class:`ServiceError`; the exception handlers installed by
 ``app.build_app`` turn it (and Starlette's own HTTP errors, and anything unexpected)
 into ``{"error": {code, message, details?, hint?, request_id, retryable?}, "detail":
-message}`` with an ``X-Request-Id`` header, as modbox-api.md §a.4 describes.
+message}`` with an ``X-Request-Id`` header, as ``docs/modbox-api.md``, "Error envelope"
+describes.
 """
 
 from __future__ import annotations

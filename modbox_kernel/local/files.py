@@ -5,7 +5,8 @@ function here blocks).
 
 Why so careful: the workspace is writable by sandbox code, which can replace any path
 component with a symlink to a host file and wait for the service to follow it (the
-Judge0 CVE-2024-28185/28189 pattern, reliability.md §1.3). So:
+Judge0 CVE-2024-28185/28189 pattern; ``docs/isolation.md``, "Files API path
+checks"). So:
 
 * every walk starts from the workspace's directory fd (handed over by the sandbox's
   supervisor; under bwrap the workspace is a tmpfs that exists only in the jail) and

@@ -6,11 +6,12 @@ sandbox will use, or raises :class:`StartupError` with a sentence when the reque
 isolation cannot be had.
 
 Why a full probe: ``bwrap --version`` working says nothing about user namespaces,
-``/proc`` mounting in containers, or the Python binds (reliability.md §2.7), so the
-probe starts the exact jail shape a sandbox gets (launcher, privilege drop, seccomp)
-and waits for the supervisor's hello. In ``auto`` mode a failed probe falls back to
-``none`` with a loud warning; with ``MODBOX_REQUIRE_ISOLATION=1`` (or ``--isolation
-bwrap``) it is a startup error instead — never a silent downgrade.
+``/proc`` mounting in containers, or the Python binds (``docs/isolation.md``, "Choosing
+the mode: the probe"), so the probe starts the exact jail shape a sandbox gets
+(launcher, privilege drop, seccomp) and waits for the supervisor's hello. In ``auto``
+mode a failed probe falls back to ``none`` with a loud warning; with
+``MODBOX_REQUIRE_ISOLATION=1`` (or ``--isolation bwrap``) it is a startup error
+instead — never a silent downgrade.
 
 As root, the preferred jail drops to the unprivileged sandbox uid before bwrap
 (``launcher``). If that jail cannot start here (e.g. unprivileged user namespaces are

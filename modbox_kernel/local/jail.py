@@ -5,16 +5,17 @@ it); ``registry`` calls :meth:`Jail.launch` for every new sandbox and hands the
 resulting :class:`Launch` to ``jailprocess.JailProcess``. Nothing here starts a process,
 so the argv can be inspected in tests.
 
-The bwrap shape follows reliability.md §2.2: every namespace (user, pid, net, ipc,
-uts, cgroup), no nested user namespaces, all capabilities dropped, a seccomp deny-list
-(``seccomp``), a cleared environment, a read-only system (``/usr`` plus the merged-usr
-symlinks and a few /etc files) and a read-only copy of *the service's own Python* at
-the same paths, so that ``python3`` in the jail is this interpreter with whatever is
-installed beside it. Writable, each a size-capped tmpfs private to the sandbox (RAM
-that counts toward its memory cgroup): ``/workspace`` (cwd and HOME; its size is the
-workspace quota), ``/tmp`` and ``/dev/shm``. Resource limits come from ``prlimit``
-inside the jail (per-sandbox counting, §2.3) and the cgroups the launcher joins;
-privileges are dropped by the launcher (``launcher``).
+The bwrap shape (``docs/isolation.md``, "bwrap shape"): every namespace (user, pid, net,
+ipc, uts, cgroup), no nested user namespaces, all capabilities dropped, a seccomp
+deny-list (``seccomp``), a cleared environment, a read-only system (``/usr`` plus the
+merged-usr symlinks and a few /etc files) and a read-only copy of *the service's own
+Python* at the same paths, so that ``python3`` in the jail is this interpreter with
+whatever is installed beside it. Writable, each a size-capped tmpfs private to the
+sandbox (RAM that counts toward its memory cgroup): ``/workspace`` (cwd and HOME; its
+size is the workspace quota), ``/tmp`` and ``/dev/shm``. Resource limits come from
+``prlimit`` inside the jail (per-sandbox counting: ``docs/isolation.md``, "rlimits
+inside the jail") and the cgroups the launcher joins; privileges are dropped by the
+launcher (``launcher``).
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ class BwrapJail(Jail):
         flags = ["--unshare-all", "--unshare-user"]
         if spec.network:
             flags.append("--share-net")
-        # --disable-userns needs the explicit --unshare-user above (reliability.md §2.1).
+        # --disable-userns needs the explicit --unshare-user above (docs/isolation.md,
+        # "bwrap shape").
         flags += [f for f in OPTIONAL_BWRAP_FLAGS if f in self.optional_flags]
         flags += ["--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         flags += ["--hostname", JAIL_HOSTNAME]

@@ -4,8 +4,8 @@ Who calls it: ``jail`` puts :func:`prefix` in front of every sandbox's command l
 ``isolation`` builds the :class:`Privilege` once at startup. Nothing here starts a
 process.
 
-The chain, every link exec'ing the next in place (so bwrap's ``--die-with-parent``
-still watches the service's event-loop thread, reliability.md §2.6)::
+The chain, every link exec'ing the next in place (so bwrap's ``--die-with-parent`` still
+watches the service's event-loop thread; ``docs/isolation.md``, "The launch chain")::
 
     [unshare --mount]  sh -c LAUNCHER …  [setpriv --reuid=N …]  bwrap …
 
@@ -17,16 +17,16 @@ still watches the service's event-loop thread, reliability.md §2.6)::
 * When the service runs as root, ``setpriv`` drops to a dedicated unprivileged uid/gid
   with no supplementary groups before bwrap runs, so bwrap is unprivileged: the jail
   holds no capability, its user namespace maps only that uid, RLIMIT_NPROC is enforced
-  (it is void for uid 0, reliability.md §2.3) and the sandbox's processes are that uid
-  on the host too.
+  (it is void for uid 0; ``docs/isolation.md``, "rlimits inside the jail") and the
+  sandbox's processes are that uid on the host too.
 * Staging: the dropped uid cannot reach the service's Python when it lives under a
-  private directory (``/root/.pyenv``, mode 700), and bwrap resolves bind sources with
-  its own credentials (even ``--ro-bind-fd``: it realpath()s ``/proc/self/fd/N``). So
-  the launcher, still root, runs in a private mount namespace (``unshare --mount``,
-  propagation private: nothing appears in the host's mount table, and it vanishes with
-  the sandbox), mounts a small tmpfs on the state dir's ``stage`` directory and
-  bind-mounts each source there read-only; bwrap then binds ``stage/<i>`` to the real
-  path inside the jail.
+  private directory (a pyenv under root's home, mode 700), and bwrap resolves bind
+  sources with its own credentials (even ``--ro-bind-fd``: it realpath()s
+  ``/proc/self/fd/N``). So the launcher, still root, runs in a private mount namespace
+  (``unshare --mount``, propagation private: nothing appears in the host's mount table,
+  and it vanishes with the sandbox), mounts a small tmpfs on the state dir's ``stage``
+  directory and bind-mounts each source there read-only; bwrap then binds ``stage/<i>``
+  to the real path inside the jail.
 """
 
 from __future__ import annotations

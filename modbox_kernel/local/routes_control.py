@@ -1,10 +1,10 @@
 """Control-plane routes: sandboxes (canonical and legacy), images, health.
 
-Who calls it: ``app.build_app`` mounts :data:`routes`. Shapes are those of
-modbox-sdk 0.0.21 (see ``shapes``); literal segments (``provision``, ``wait``,
-``destroy``, ``detail``, ``status``, ``realm``) are listed before the
-``{sandbox_id}`` routes so they win, as modbox-api.md §d advises. Every route but
-``/health`` needs the service token.
+Who calls it: ``app.build_app`` mounts :data:`routes`. Shapes are those of modbox-sdk
+0.0.21 (see ``shapes``); literal segments (``provision``, ``wait``, ``destroy``,
+``detail``, ``status``, ``realm``) are listed before the ``{sandbox_id}`` routes so they
+win (``docs/modbox-api.md``, "Legacy routes"). Every route but ``/health`` needs the
+service token.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ bwrap through a memfd (``--seccomp FD``) at every sandbox start; ``check`` repor
 exec'ing it, so the service, bwrap's own setup and the cgroup launcher are not filtered.
 
 Why by hand: the libseccomp Python bindings are not on PyPI in a usable form, and the
-filter we want is small. It follows Flatpak's deny-list (reliability.md §2.5) plus the
-kernel surfaces containers usually close (io_uring, the new mount API, kexec, modules):
+filter we want is small. It follows Flatpak's deny-list (``docs/isolation.md``,
+"Seccomp") plus the kernel surfaces containers usually close (io_uring, the new mount
+API, kexec, modules):
 
 * any syscall of another ABI (i386 via ``int 0x80``, x32) fails with ``ENOSYS``, so a
   32-bit entry point cannot bypass an x86_64 deny-list;

@@ -1,10 +1,11 @@
 """Reaping what a killed service left behind: its temporary state directory.
 
-Who calls it: ``__main__`` at startup, before creating its own state dir. A service
-that is SIGKILLed cannot remove its temp dir (workspaces included); its jails die with
-it (``--die-with-parent``), so the next start removes dirs whose owner pid is dead
-(reliability.md §6 case 44). ``cgroups.CgroupManager.reap_stale`` does the same for
-cgroups. Only names this module generates are touched.
+Who calls it: ``__main__`` at startup, before creating its own state dir. A service that
+is SIGKILLed cannot remove its temp dir (workspaces included); its jails die with it
+(``--die-with-parent``), so the next start removes dirs whose owner pid is dead
+(``docs/isolation.md``, "Adversarial cases", case 44).
+``cgroups.CgroupManager.reap_stale`` does the same for cgroups. Only names this module
+generates are touched.
 """
 
 from __future__ import annotations
