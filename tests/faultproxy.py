@@ -1,4 +1,4 @@
-"""A small fault-injecting HTTP/1.1 proxy for tests (reliability.md §7).
+"""A small fault-injecting HTTP/1.1 proxy for tests (the fault scenarios of docs/isolation.md).
 
 Who uses it: ``tests/test_kernel_faults.py`` puts it between a kernel and a dedicated
 local Modbox service (started with ``--public-url <proxy url>``, so the runtime URLs the
@@ -146,7 +146,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 def envelope(status: int) -> bytes:
-    """An HTTP response carrying the Modbox error envelope (modbox-api.md §a.4)."""
+    """An HTTP response carrying the Modbox error envelope (see docs/modbox-api.md)."""
     request_id = f"faultproxy-{uuid.uuid4().hex[:12]}"
     message = f"Injected by the test fault proxy: HTTP {status}."
     body = json.dumps(

@@ -1,15 +1,19 @@
 """Shared machinery for the end-to-end kernel tests.
 
-Who calls what: ``tests/test_kernel_*.py`` and ``tests/test_notebooks_*.py`` import this
-module. They build the environment a kernel is launched with (:func:`service_env` to
-reuse the session's shared local Modbox service, :func:`embedded_env` to make the kernel
-start its own), start kernels through jupyter_client (:func:`start_kernel`, or
-:func:`running_kernel` for a module's warmed-up kernel), run cells while recording when
-each IOPub message arrived (:func:`run_cell`; :func:`submit` and :func:`pump` for a cell
+Who calls what: ``tests/test_kernel_*.py``, ``tests/test_notebooks_*.py`` and
+``tests/test_adversarial_kernel.py`` import this module (and tests/conftest.py, whose
+``kernels`` fixture is a :class:`Kernels`). They build the environment a kernel is
+launched with (:func:`service_env` to reuse the session's shared local Modbox service,
+:func:`embedded_env` to make the kernel start its own, :func:`env_for_kernel` to pick
+one for the kernel under test), start kernels through jupyter_client
+(:func:`start_kernel`; a module's warmed-up kernels through the ``kernels`` fixture, or
+one through :func:`running_kernel`), run cells while recording when each IOPub message
+arrived (:func:`run_cell`; :func:`submit` and :func:`pump` for a cell
 the test acts on while it runs), run whole notebooks through nbclient
 (:func:`execute_notebook`) and reduce notebook outputs to a form in which
 ``modbox-python`` and the stock ``python3`` kernel must agree (:func:`normalise_notebook`).
-The leak tests use :func:`list_sandboxes` and :func:`sandbox_processes`.
+The leak tests use :func:`list_sandboxes` and :func:`sandbox_processes`;
+:func:`wait_until` is re-exported from tests/service_helpers.py.
 
 ``MODBOX_TEST_KERNEL`` (default ``modbox-python``) names the kernel under test. It exists
 to debug these harnesses against the stock ``python3`` kernel; CI never sets it.
@@ -23,19 +27,20 @@ import queue
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import httpx
 import nbformat
 import psutil
 import pytest
-from conftest import wait_until as wait_until  # re-exported for the kernel tests
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from nbclient import NotebookClient
+from service_helpers import wait_until as wait_until  # re-exported for the kernel tests
 
 KERNEL_NAME = os.environ.get("MODBOX_TEST_KERNEL", "modbox-python")
 REFERENCE_KERNEL = "python3"
@@ -146,6 +151,44 @@ def running_kernel(
         yield Kernel(km, kc)
     finally:
         stop_kernel(km, kc)
+
+
+class Kernels:
+    """Warmed-up kernels for one test module; :meth:`close` stops every one started.
+
+    What the ``kernels`` fixture (tests/conftest.py, module scope) yields, so that a
+    module's kernel fixture is one line: ``return kernels.start(env)``. Each kernel is
+    a :func:`running_kernel`, entered on :meth:`start` and left (last started, first
+    stopped) on :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+
+    def start(
+        self,
+        env: Mapping[str, str],
+        *,
+        kernel_name: str = KERNEL_NAME,
+        warm: str = "import time",
+    ) -> Kernel:
+        """Start ``kernel_name`` with ``env`` and run ``warm`` in it (as running_kernel)."""
+        kernel: Kernel = self._stack.enter_context(running_kernel(kernel_name, env, warm))
+        return kernel
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Kernels:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Hostile notebooks against the local backend: reliability.md §6, the local cases.
+"""Hostile notebooks against the local backend: the local cases of docs/isolation.md.
 
 Each test plays one case of the catalogue through the runtime exec API (``python3 -c``
 scripts, as a notebook's code would run) against a service with tight limits, asserts
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
+from service_helpers import (
     LocalSandbox,
     LocalService,
     create_sandbox,

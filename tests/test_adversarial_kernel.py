@@ -17,15 +17,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import (
+from jupyter_client.blocking.client import BlockingKernelClient
+from kernel_helpers import KERNEL_NAME, Kernels, is_modbox, run_cell, service_env
+from service_helpers import (
     LocalService,
     host_pids_of,
     processes_of_uid,
     require_bwrap,
     running_local_service,
 )
-from jupyter_client.blocking.client import BlockingKernelClient
-from kernel_helpers import KERNEL_NAME, is_modbox, run_cell, running_kernel, service_env
 
 pytestmark = [
     pytest.mark.isolation,
@@ -51,12 +51,10 @@ def tight_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSer
 
 
 @pytest.fixture(scope="module")
-def kc(tight_service: LocalService) -> Iterator[BlockingKernelClient]:
-    env = service_env(tight_service.base_url, tight_service.token)
+def kc(tight_service: LocalService, kernels: Kernels) -> BlockingKernelClient:
     # The warm-up cell runs in the sandbox the first hostile cell then uses, so the
     # counts of lost sandboxes in the last test are not changed by it.
-    with running_kernel(KERNEL_NAME, env) as kernel:
-        yield kernel.kc
+    return kernels.start(service_env(tight_service.base_url, tight_service.token)).kc
 
 
 def _errors(run: Any) -> list[dict[str, Any]]:

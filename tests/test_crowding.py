@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from service_helpers import (
     LocalSandbox,
     LocalService,
     create_sandbox,

@@ -1,4 +1,4 @@
-"""Network faults between the kernel and Modbox (issue 4, reliability.md §7).
+"""Network faults between the kernel and Modbox (issue 4; fault scenarios: docs/isolation.md).
 
 A dedicated local service is started with ``--public-url <proxy>``, so that both the
 control plane and the runtime URLs it hands out (``capabilities.exec``) go through
@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import LocalService, start_local_service, stop_local_service_process
 from faultproxy import Fault, FaultProxy, Request
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
@@ -42,6 +41,7 @@ from kernel_helpers import (
     service_env,
     start_cell,
 )
+from service_helpers import LocalService, start_local_service, stop_local_service_process
 
 pytestmark = [pytest.mark.kernel, only_modbox("it does not talk to Modbox")]
 

@@ -18,19 +18,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import psutil
 import pytest
 from kernel_helpers import (
-    KERNEL_NAME,
     CellRun,
     Kernel,
+    Kernels,
     env_for_kernel,
     only_modbox,
     pump,
     run_cell,
-    running_kernel,
     start_cell,
 )
 
@@ -49,16 +47,13 @@ NOTICE = "[Modbox: output of this cell truncated after"
 
 
 @pytest.fixture(scope="module")
-def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    with running_kernel(KERNEL_NAME, env_for_kernel(request)) as k:
-        yield k
+def kernel(request: pytest.FixtureRequest, kernels: Kernels) -> Kernel:
+    return kernels.start(env_for_kernel(request))
 
 
 @pytest.fixture(scope="module")
-def small_cap_kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    env = {**env_for_kernel(request), "MODBOX_OUTPUT_LIMIT": str(SMALL_LIMIT)}
-    with running_kernel(KERNEL_NAME, env) as k:
-        yield k
+def small_cap_kernel(request: pytest.FixtureRequest, kernels: Kernels) -> Kernel:
+    return kernels.start({**env_for_kernel(request), "MODBOX_OUTPUT_LIMIT": str(SMALL_LIMIT)})
 
 
 class PeakRss:

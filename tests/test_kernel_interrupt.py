@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
     Kernel,
+    Kernels,
     env_for_kernel,
     is_modbox,
     only_modbox,
     pump,
     run_cell,
-    running_kernel,
     start_cell,
 )
 
@@ -67,9 +66,8 @@ escalation = only_modbox("escalation restarts the sandbox's Python, which only m
 
 
 @pytest.fixture(scope="module")
-def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    with running_kernel(KERNEL_NAME, env_for_kernel(request)) as k:
-        yield k
+def kernel(request: pytest.FixtureRequest, kernels: Kernels) -> Kernel:
+    return kernels.start(env_for_kernel(request))
 
 
 def interrupt(kernel: Kernel, mode: str) -> float:

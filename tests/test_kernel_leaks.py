@@ -40,8 +40,8 @@ pytestmark = [pytest.mark.kernel, only_modbox("it has no sandboxes to leak")]
 
 KERNELS = 20
 AT_ONCE = 4
-# Shutdown destroys the sandbox before the kernel exits (design §3.8); the grace only
-# absorbs the service reaping the jail's processes after the DELETE returned.
+# Shutdown destroys the sandbox before the kernel exits (see docs/architecture.md); the
+# grace only absorbs the service reaping the jail's processes after the DELETE returned.
 GRACE = 10.0
 SANDBOX_ID_CELL = "import os\nprint(os.environ.get('MODBOX_SANDBOX_ID', 'unset'))"
 

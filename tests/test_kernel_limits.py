@@ -17,19 +17,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import LocalService, start_local_service, stop_local_service_process
 from faultproxy import Fault, FaultProxy, Request
 from kernel_helpers import (
     Kernel,
+    Kernels,
     list_sandboxes,
     only_modbox,
     run_cell,
-    running_kernel,
     service_env,
     start_kernel,
     stop_kernel,
     wait_until,
 )
+from service_helpers import LocalService, start_local_service, stop_local_service_process
 
 pytestmark = [pytest.mark.kernel, only_modbox("time limits and TTLs are modbox-python's")]
 
@@ -48,12 +48,9 @@ def _error(run: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def limited(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    service = request.getfixturevalue("local_service")
-    env = service_env(service.base_url, service.token)
-    env["MODBOX_CELL_TIMEOUT"] = "2"
-    with running_kernel("modbox-python", env) as kernel:
-        yield kernel
+def limited(local_service: LocalService, kernels: Kernels) -> Kernel:
+    env = {**service_env(local_service.base_url, local_service.token), "MODBOX_CELL_TIMEOUT": "2"}
+    return kernels.start(env, kernel_name="modbox-python")
 
 
 @pytest.mark.timeout(120)

@@ -18,29 +18,28 @@ the kernel stays alive, so nbclient never sees ``DeadKernelError``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import psutil
 import pytest
-from conftest import LocalService
 from jupyter_client.blocking.client import BlockingKernelClient
 from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
+    Kernels,
     execute_notebook,
     list_sandboxes,
     only_modbox,
     pump,
     run_cell,
-    running_kernel,
     sandbox_processes,
     service_env,
     start_cell,
     submit,
     wait_until,
 )
+from service_helpers import LocalService
 
 pytestmark = [pytest.mark.kernel, only_modbox("it has no sandbox to lose")]
 
@@ -52,10 +51,8 @@ LONG_CELL = f"import time\nprint({RUNNING!r}, flush=True)\ntime.sleep(60)\nprint
 
 
 @pytest.fixture(scope="module")
-def kc(local_service: LocalService) -> Iterator[BlockingKernelClient]:
-    env = service_env(local_service.base_url, local_service.token)
-    with running_kernel(KERNEL_NAME, env) as kernel:
-        yield kernel.kc
+def kc(local_service: LocalService, kernels: Kernels) -> BlockingKernelClient:
+    return kernels.start(service_env(local_service.base_url, local_service.token)).kc
 
 
 def current_sandbox(kc: BlockingKernelClient) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,12 @@ from kernel_helpers import (
     KERNEL_NAME,
     CellRun,
     Kernel,
+    Kernels,
     env_for_kernel,
     execute_notebook,
     is_modbox,
     pump,
     run_cell,
-    running_kernel,
     submit,
 )
 
@@ -46,9 +46,8 @@ STDIN_ERROR = "{} was called, but this frontend does not support input requests.
 
 
 @pytest.fixture(scope="module")
-def kernel(request: pytest.FixtureRequest) -> Iterator[Kernel]:
-    with running_kernel(KERNEL_NAME, env_for_kernel(request), warm="import getpass, time") as k:
-        yield k
+def kernel(request: pytest.FixtureRequest, kernels: Kernels) -> Kernel:
+    return kernels.start(env_for_kernel(request), warm="import getpass, time")
 
 
 @pytest.fixture

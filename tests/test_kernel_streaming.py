@@ -15,21 +15,19 @@ from __future__ import annotations
 import ast
 import hashlib
 import random
-from collections.abc import Iterator
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from kernel_helpers import KERNEL_NAME, env_for_kernel, run_cell, running_kernel
+from kernel_helpers import Kernels, env_for_kernel, run_cell
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
-def kc(request: pytest.FixtureRequest) -> Iterator[BlockingKernelClient]:
-    # running_kernel runs the first cell, which waits for the sandbox, so that wait
+def kc(request: pytest.FixtureRequest, kernels: Kernels) -> BlockingKernelClient:
+    # kernels.start runs the first cell, which waits for the sandbox, so that wait
     # stays out of the timings below.
-    with running_kernel(KERNEL_NAME, env_for_kernel(request)) as kernel:
-        yield kernel.kc
+    return kernels.start(env_for_kernel(request)).kc
 
 
 @pytest.mark.parametrize("flush", [True, False], ids=["flush", "no-flush"])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import LocalSandbox, LocalService, create_sandbox, destroy_sandbox
+from service_helpers import LocalSandbox, LocalService, create_sandbox, destroy_sandbox
 
 CONTROL_CALLS = [
     ("GET", "/sandboxes", None),

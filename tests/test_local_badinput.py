@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LocalSandbox, LocalService
+from service_helpers import LocalSandbox, LocalService
 
 MIB = 1024 * 1024
 

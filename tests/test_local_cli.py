@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
+from service_helpers import (
     LocalService,
     create_sandbox,
     destroy_sandbox,

@@ -1,7 +1,7 @@
 """The official modbox-sdk drives the local service: every route it uses parses.
 
-This is the "Modbox-compatible, not a private protocol" check (design.md §3.2): the
-SDK's pydantic models reject a missing required field or a wrong type, so a shape drift
+This is the "Modbox-compatible, not a private protocol" check (see docs/architecture.md):
+the SDK's pydantic models reject a missing required field or a wrong type, so a shape drift
 in the service fails here. Canonical and legacy routes are both exercised.
 """
 
@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import LocalService
 from modbox import AsyncModboxApi, ModboxApi
 from modbox.core.api_error import ApiError
 from modbox.errors import NotFoundError, UnprocessableEntityError
 from modbox.types import ProvisionResponse, SandboxDetail, SandboxListResponse
+from service_helpers import LocalService
 
 NO_RETRY = {"max_retries": 0}  # the SDK retries 409 and 5xx twice with backoff
 
@@ -131,8 +131,8 @@ def test_generated_name_and_idempotency_key(sdk: ModboxApi) -> None:
 def test_duplicate_live_name_conflicts(sdk: ModboxApi) -> None:
     name = _name()
     created = sdk.sandboxes.create_sandbox(task_id=name)
-    # The SDK types 409 only on other routes; here it is a generic ApiError (modbox-api.md
-    # §a.4), whose body is the raw envelope.
+    # The SDK types 409 only on other routes; here it is a generic ApiError (see
+    # docs/modbox-api.md), whose body is the raw envelope.
     with pytest.raises(ApiError) as caught:
         sdk.sandboxes.create_sandbox(task_id=name, request_options=NO_RETRY)
     assert caught.value.status_code == 409
@@ -170,7 +170,7 @@ def test_unknown_image_and_bad_ttl_are_sdk_errors(sdk: ModboxApi) -> None:
 
 
 def test_null_optional_fields_are_accepted(local_service: LocalService) -> None:
-    # The SDK sends null for fields explicitly set to None (modbox-api.md §a.1).
+    # The SDK sends null for fields explicitly set to None (see docs/modbox-api.md).
     body = {
         k: None
         for k in (

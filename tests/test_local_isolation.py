@@ -1,4 +1,4 @@
-"""Escape attempts against a real bubblewrap sandbox (reliability.md §6, the "L" cases).
+"""Escape attempts against a real bubblewrap sandbox (the "L" cases of docs/isolation.md).
 
 Each test runs code inside a sandbox of the real service and checks, from the host,
 that it could not reach what it should not. They need bwrap: with
@@ -11,6 +11,7 @@ test, which kills it).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
+from service_helpers import (
     LocalSandbox,
     LocalService,
     create_sandbox,
@@ -34,6 +35,8 @@ pytestmark = [pytest.mark.isolation, pytest.mark.usefixtures("require_isolation"
 
 CANARY_ENV = "MODBOX_TEST_CANARY_SECRET"
 SMALL_MEMORY_MIB = 256
+# A host file outside the read-only set: this checkout's own pyproject.toml, wherever it is.
+REPO_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,7 @@ def test_no_route_to_host_loopback_but_own_loopback_works(
 
 
 def test_host_files_outside_the_read_only_set_are_invisible(local_sandbox: LocalSandbox) -> None:
+    assert REPO_PYPROJECT.is_file(), REPO_PYPROJECT
     canary = Path.home() / f"modbox-canary-{uuid.uuid4().hex}"
     canary.write_text("host secret")
     try:
@@ -88,7 +92,7 @@ def test_host_files_outside_the_read_only_set_are_invisible(local_sandbox: Local
             f"test -e {canary} && echo visible || echo invisible; "
             f"ls {Path.home()} 2>/dev/null | grep -c modbox-canary || true; "
             f"cat /etc/shadow >/dev/null 2>&1 && echo shadow || echo no-shadow; "
-            f"test -e /work/main/pyproject.toml && echo repo || echo no-repo"
+            f"test -e {shlex.quote(str(REPO_PYPROJECT))} && echo repo || echo no-repo"
         )
         assert result["stdout"].split() == ["invisible", "0", "no-shadow", "no-repo"]
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LocalSandbox, LocalService, isolation_required, running_local_service
+from service_helpers import LocalSandbox, LocalService, isolation_required, running_local_service
 
 from modbox_kernel.local import files
 from modbox_kernel.local.envelope import ServiceError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import (
+from service_helpers import (
     LocalSandbox,
     LocalService,
     create_sandbox,
