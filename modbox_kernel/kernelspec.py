@@ -1,7 +1,8 @@
 """Install the ``modbox-python`` kernelspec: ``python -m modbox_kernel install``.
 
-``pip install`` already ships the spec as wheel shared-data
-(``share/jupyter/kernels/modbox-python``), so this command is for the other cases:
+``pip install`` already ships the spec (``kernelspec/modbox-python`` in the repository)
+as wheel shared-data (``share/jupyter/kernels/modbox-python``), so this command is for
+the other cases:
 a ``--user`` or ``--prefix`` install, or a spec pinned to this exact interpreter
 (``argv[0]`` becomes ``sys.executable`` so the kernel runs where modbox_kernel is
 installed, whichever Jupyter launches it).
@@ -19,7 +20,7 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpecManager
 
 KERNEL_NAME = "modbox-python"
-SPEC_DIR = Path(__file__).resolve().parent.parent / "share" / "jupyter" / "kernels" / KERNEL_NAME
+SPEC_DIR = Path(__file__).resolve().parent.parent / "kernelspec" / KERNEL_NAME
 
 
 def _spec_source() -> Path:

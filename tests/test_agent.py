@@ -10,6 +10,7 @@ different mode start their own. Every agent is shut down and its pid checked gon
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import json
 import os
@@ -18,8 +19,10 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,17 +30,33 @@ from typing import Any
 import psutil
 import pytest
 
+from modbox_kernel import protocol
 from modbox_kernel.agent import (
-    AGENT_PATH,
     AGENT_VERSION,
     INLINE_LIMIT,
     UNREACHABLE_EXIT,
+    agent_artifact,
+    agent_file_name,
+    build_agent,
     encode_request,
     request_command,
     start_command,
 )
 
 pytestmark = pytest.mark.timeout(120)
+
+_BUILT: list[str] = []
+
+
+def built_agent() -> str:
+    """The agent artifact the session uploads, written once to a file of this run."""
+    if not _BUILT:
+        folder = tempfile.mkdtemp(prefix="modbox-agent-test-")
+        path = os.path.join(folder, agent_file_name())
+        with open(path, "wb") as f:
+            f.write(agent_artifact())
+        _BUILT.append(path)
+    return _BUILT[0]
 
 
 def _bash(command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -61,7 +80,7 @@ class AgentUnderTest:
         self.info: dict[str, Any] = {}
 
     def start(self) -> dict[str, Any]:
-        command = start_command(str(AGENT_PATH), self.state_dir, python=self.python)
+        command = start_command(built_agent(), self.state_dir, python=self.python)
         proc = subprocess.run(
             ["bash", "-c", command],
             capture_output=True,
@@ -83,18 +102,8 @@ class AgentUnderTest:
 
     def execute_payload(self, code: str, **fields: Any) -> dict[str, Any]:
         """An ``execute`` request as the session sends it (the kernel numbers cells)."""
-        payload = {
-            "op": "execute",
-            "id": uuid.uuid4().hex,
-            "code": code,
-            "silent": False,
-            "store_history": True,
-            "user_expressions": {},
-            "allow_stdin": False,
-            "execution_count": next(self.counter),
-            "wait": 2.0,
-            "since": 0,
-        }
+        cell = protocol.CellRequest(code=code, execution_count=next(self.counter))
+        payload = protocol.execute_request(cell, wait=2.0)
         payload.update(fields)
         # Like a kernel, never hand out a count below one a test chose itself.
         self.counter = itertools.count(max(next(self.counter), payload["execution_count"] + 1))
@@ -117,7 +126,7 @@ class AgentUnderTest:
             if resp["done"]:
                 break
             assert time.monotonic() < deadline, f"cell did not finish: {events}"
-            resp = self.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+            resp = self.request(protocol.poll_request(cid, since=resp["next"], wait=2.0))
         # The cursor: every event exactly once, numbered consecutively, `done` last.
         assert [e["seq"] for e in events] == list(range(since, since + len(events)))
         assert events[-1]["type"] == "done"
@@ -136,14 +145,14 @@ class AgentUnderTest:
         """Poll on from ``resp`` until cell ``cid`` asks for input: (last answer, events)."""
         events = list(resp["events"])
         while not of_type(events, "input_request"):
-            resp = self.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+            resp = self.request(protocol.poll_request(cid, since=resp["next"], wait=2.0))
             events += resp["events"]
         return resp, events
 
     def stop(self) -> None:
         pid = self.info.get("pid")
         if os.path.exists(os.path.join(self.state_dir, "port")):
-            _bash(request_command(self.state_dir, {"op": "shutdown"}), timeout=10)
+            _bash(request_command(self.state_dir, protocol.shutdown_request()), timeout=10)
         if pid:
             _wait_gone(pid, kill=True)
 
@@ -222,7 +231,7 @@ def test_start_reports_itself_and_writes_private_files(fresh: AgentUnderTest) ->
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert stat.S_IMODE((state / "token").stat().st_mode) == 0o600
     assert int((state / "port").read_text()) == info["port"]
-    reply = fresh.request({"op": "info"})["reply"]
+    reply = fresh.request(protocol.query("info"))["reply"]
     assert reply["pid"] == info["pid"] and reply["port"] == info["port"]
 
 
@@ -237,7 +246,7 @@ def test_start_again_replaces_the_running_agent(fresh: AgentUnderTest) -> None:
 
 
 def _start_fails(state_dir: Path) -> dict[str, Any]:
-    command = start_command(str(AGENT_PATH), str(state_dir), python=sys.executable)
+    command = start_command(built_agent(), str(state_dir), python=sys.executable)
     proc = _bash(command, timeout=40)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     (line,) = proc.stdout.splitlines()
@@ -260,7 +269,7 @@ def test_start_reports_a_daemon_that_dies_while_starting(tmp_path: Path) -> None
 
 
 def test_unreachable_agent_exits_97(tmp_path: Path) -> None:
-    proc = _bash(request_command(str(tmp_path / "nothing-here"), {"op": "info"}))
+    proc = _bash(request_command(str(tmp_path / "nothing-here"), protocol.query("info")))
     assert proc.returncode == UNREACHABLE_EXIT
     assert "modbox-agent: unreachable" in proc.stderr
 
@@ -360,7 +369,7 @@ def test_input_round_trip(both: AgentUnderTest) -> None:
     resp, events = both.until_input_request(cid, resp)
     (req,) = of_type(events, "input_request")
     assert req["prompt"] == "name? " and req["password"] is False
-    assert both.request({"op": "input_reply", "id": cid, "value": "Ada"}) == {"ok": True}
+    assert both.request(protocol.input_reply(cid, "Ada")) == {"ok": True}
     events += both.resume(cid, resp)
     assert stdout_of(events) == "hello Ada\n"
     assert events[-1]["status"] == "ok"
@@ -440,7 +449,7 @@ def test_interrupt_stops_a_sleeping_cell_and_keeps_the_namespace(both: AgentUnde
     resp = both.request(payload)
     assert not resp["done"]
     started = time.monotonic()
-    assert both.request({"op": "interrupt", "id": cid}) == {"ok": True, "delivered": True}
+    assert both.request(protocol.interrupt_request(cid)) == {"ok": True, "delivered": True}
     events = resp["events"] + both.resume(cid, resp, wait=5.0)
     assert time.monotonic() - started < 3
     assert stdout_of(events) == "sleeping\n"
@@ -478,7 +487,7 @@ def test_interrupt_reaches_a_child_process(both: AgentUnderTest) -> None:
     resp = both.request(payload)
     time.sleep(0.3)  # let the child start
     started = time.monotonic()
-    assert both.request({"op": "interrupt", "id": cid})["delivered"] is True
+    assert both.request(protocol.interrupt_request(cid))["delivered"] is True
     events = resp["events"] + both.resume(cid, resp, wait=5.0)
     assert time.monotonic() - started < 3
     assert stdout_of(events) == "after\n"
@@ -490,8 +499,8 @@ def test_interrupt_of_a_queued_cell_keeps_it_from_running(both: AgentUnderTest) 
     second = both.execute_payload("queued_ran = True", wait=0.0)
     both.request(first)
     both.request(second)
-    assert both.request({"op": "interrupt", "id": second["id"]})["delivered"] is True
-    assert both.request({"op": "interrupt", "id": first["id"]})["delivered"] is True
+    assert both.request(protocol.interrupt_request(second["id"]))["delivered"] is True
+    assert both.request(protocol.interrupt_request(first["id"]))["delivered"] is True
     for payload in (first, second):
         cid = payload["id"]
         events = both.collect(cid, both.request({"op": "poll", "id": cid, "wait": 5.0}))
@@ -504,7 +513,7 @@ def test_interrupt_ends_an_input_wait(both: AgentUnderTest) -> None:
     cid = payload["id"]
     resp = both.request(payload)
     assert of_type(resp["events"], "input_request")
-    assert both.request({"op": "interrupt", "id": cid})["delivered"] is True
+    assert both.request(protocol.interrupt_request(cid))["delivered"] is True
     events = resp["events"] + both.resume(cid, resp, wait=5.0)
     assert [e["ename"] for e in of_type(events, "error")] == ["KeyboardInterrupt"]
     assert stdout_of(both.execute("print('alive')")) == "alive\n"
@@ -553,7 +562,7 @@ def test_large_output_is_split_across_responses(both: AgentUnderTest) -> None:
         events += resp["events"]
         if resp["done"]:
             break
-        resp = both.request({"op": "poll", "id": cid, "since": resp["next"], "wait": 2.0})
+        resp = both.request(protocol.poll_request(cid, since=resp["next"], wait=2.0))
     assert len(sizes) > 2 and max(sizes) < 1.2 * 1024 * 1024
     assert stdout_of(events) == "".join(str(i % 10) * 100_000 for i in range(30))
 
@@ -692,7 +701,7 @@ def test_getpass_is_a_password_request(ipy: AgentUnderTest) -> None:
         "prompt": "pw: ",
         "password": True,
     }
-    ipy.request({"op": "input_reply", "id": cid, "value": "hunter2"})
+    ipy.request(protocol.input_reply(cid, "hunter2"))
     events += ipy.resume(cid, resp)
     assert stdout_of(events) == "7\n"
 
@@ -709,7 +718,7 @@ def test_traceback_names_the_cell_and_count(ipy: AgentUnderTest) -> None:
 
 def test_fallback_reports_no_ipython(plain: AgentUnderTest) -> None:
     assert plain.info["ipython_version"] is None
-    assert plain.request({"op": "info"})["reply"]["mode"] == "fallback"
+    assert plain.request(protocol.query("info"))["reply"]["mode"] == "fallback"
 
 
 def test_fallback_display_and_top_level_await(plain: AgentUnderTest) -> None:
@@ -718,36 +727,62 @@ def test_fallback_display_and_top_level_await(plain: AgentUnderTest) -> None:
     assert events[0]["data"]["text/plain"] == "{'k': 1}"
 
 
-def _python38() -> str | None:
-    """A working 3.8 interpreter (a pyenv shim may exist without one behind it)."""
-    candidates = sorted(Path("/root/.pyenv/versions").glob("3.8.*/bin/python3.8"))
-    for candidate in [shutil.which("python3.8"), *map(str, candidates)]:
-        if not candidate:
-            continue
-        probe = subprocess.run(
-            [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 8))"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.stdout.strip() == "True":
-            return candidate
-    return None
+def _oldest_python() -> tuple[str, tuple[int, int]]:
+    """The oldest working CPython >= 3.8 here (on PATH or in pyenv), else this one.
+
+    The agent promises any python3 >= 3.8; a pyenv shim may exist without an
+    interpreter behind it, so each candidate is probed.
+    """
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found: list[tuple[tuple[int, int], str]] = [(sys.version_info[:2], sys.executable)]
+    for minor in range(8, sys.version_info[1]):
+        names = [shutil.which(f"python3.{minor}")]
+        names += [str(p) for p in sorted(pyenv.glob(f"3.{minor}.*/bin/python3.{minor}"))]
+        for candidate in filter(None, names):
+            probe = subprocess.run(
+                [candidate, "-c", f"import sys; print(sys.version_info[:2] == (3, {minor}))"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if probe.stdout.strip() == "True":
+                found.append(((3, minor), candidate))
+                break
+    version, python = min(found)
+    return python, version
 
 
-def test_agent_runs_on_python_3_8(tmp_path: Path) -> None:
-    """The agent promises python3 >= 3.8: run the basic shapes on a real 3.8."""
-    python = _python38()
-    if python is None:
-        pytest.skip("no python3.8 interpreter on this machine to check 3.8 compatibility")
+def test_agent_artifact_is_built_deterministically() -> None:
+    """Two builds give the same bytes, and their hash is the version the agent reports."""
+    first, second = build_agent(), build_agent()
+    assert first == second
+    assert first == agent_artifact()
+    names = zipfile.ZipFile(io.BytesIO(first)).namelist()
+    assert names == sorted(names) and names[0] == "__main__.py"
+    assert "modbox_agent/daemon.py" in names and "modbox_agent/core.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert AGENT_VERSION in agent_file_name()
+
+
+def test_built_agent_runs_a_cell_on_the_oldest_python(tmp_path: Path) -> None:
+    """The built artifact, not the source folder, on the oldest Python of this machine."""
+    python, version = _oldest_python()
     agent = AgentUnderTest(tmp_path, python=python, env={"MODBOX_AGENT_NO_IPYTHON": "1"})
     info = agent.start()
     try:
-        assert info["python_version"].startswith("3.8.")
-        events = agent.execute("x = 2\nprint('py38')\nx * 21")
-        assert stdout_of(events) == "py38\n"
+        assert info["python_version"].startswith(f"{version[0]}.{version[1]}.")
+        assert info["agent_version"] == AGENT_VERSION
+        events = agent.execute("x = 2\nprint('oldest')\nx * 21")
+        assert stdout_of(events) == "oldest\n"
         assert of_type(events, "execute_result")[0]["data"]["text/plain"] == "42"
-        assert [e["type"] for e in agent.execute("1/0")] == ["error", "done"]
+        errors = agent.execute("import sys\ndef f():\n    1/0\nf()")
+        assert [e["type"] for e in errors] == ["error", "done"]
+        # The user's traceback shows the cell's frames, none of the agent's zip.
+        text = "\n".join(errors[0]["traceback"])
+        assert "Cell In[" in text and ".pyz" not in text, text
+        # The notebook does not see the agent's zip on sys.path.
+        path = agent.execute("print(sys.path[0] == '', any('.pyz' in p for p in sys.path))")
+        assert stdout_of(path) == "True False\n"
     finally:
         agent.stop()
 

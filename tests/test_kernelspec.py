@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -53,5 +54,28 @@ def test_wheel_ships_the_kernelspec_as_shared_data(tmp_path: Path) -> None:
     data = "modbox_kernel-0.1.0.data/data/share/jupyter/kernels/modbox-python/"
     assert data + "kernel.json" in names
     assert data + "logo-32x32.png" in names
-    assert "modbox_kernel/agent/agent.py" in names
+    assert "modbox_kernel/agent/inside/daemon.py" in names  # the agent, built at run time
     assert "modbox_kernel/py.typed" in names
+    # Installed from the wheel into a fresh venv (no dependencies: only the files matter;
+    # pip --prefix would uninstall this venv's own copy first), the spec lands where
+    # Jupyter looks in that environment, and `jupyter kernelspec list` shows it there.
+    prefix = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(prefix / "bin" / "python"), "install",
+         "--no-deps", "-q", str(wheel)],
+        check=True,
+        timeout=120,
+    )  # fmt: skip
+    listed = subprocess.run(
+        [sys.executable, "-m", "jupyter", "kernelspec", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "JUPYTER_PATH": str(prefix / "share" / "jupyter")},
+    )
+    specs = json.loads(listed.stdout)["kernelspecs"]
+    installed = prefix / "share" / "jupyter" / "kernels" / "modbox-python"
+    assert Path(specs["modbox-python"]["resource_dir"]) == installed
+    assert json.loads((installed / "kernel.json").read_text())["display_name"] == "Modbox Python"

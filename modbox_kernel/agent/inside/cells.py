@@ -1,0 +1,151 @@
+"""Cells, their numbered events, and the cursor the kernel reads them with.
+
+A :class:`Cell` is created by a server thread (``ops``) from an ``execute`` request,
+run by the main thread (``core``) and read by server threads; every field except the
+request itself is guarded by the agent's condition (``Agent.cond``), which the callers
+of the functions below hold. Events are numbered from 0 per cell; the kernel asks for
+"everything from ``since``", so a resent poll loses and duplicates nothing, and what it
+already holds can be freed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+from . import protocol
+from .protocol import truncation_notice
+from .wire import MAX_RESPONSE_BYTES, MERGE_LIMIT, Event
+
+#: Cells whose events are kept; older finished cells keep only their id.
+KEEP_CELLS = 200
+
+
+class Cell:
+    """One ``execute`` request and the numbered events it produced."""
+
+    def __init__(self, req: Dict[str, Any], default_count: int) -> None:
+        fields = dict(protocol.EXECUTE_FIELDS)
+        fields.update({k: v for k, v in req.items() if v is not None})
+        self.id = str(req["id"])
+        self.code = str(fields["code"])
+        self.silent = bool(fields["silent"])
+        store_history = fields["store_history"]
+        self.store_history = bool(not self.silent if store_history is None else store_history)
+        self.user_expressions: Dict[str, str] = dict(fields["user_expressions"] or {})
+        self.allow_stdin = bool(fields["allow_stdin"])
+        self.parent_header: Dict[str, Any] = dict(fields["parent_header"] or {})
+        # A frontend's comm message to handle instead of code (see comms.run_comm).
+        comm = fields["comm"]
+        self.comm: Optional[Dict[str, Any]] = comm if isinstance(comm, dict) else None
+        count = fields["execution_count"]
+        self.execution_count = int(count) if count is not None else default_count
+        self.events: List[Event] = []
+        self.base = 0  # seq of events[0]; events before it were freed
+        self.fetched = 0  # events with seq < fetched were returned once: never change them
+        self.state = "queued"  # queued -> running -> finished
+        self.done_seq = -1
+        self.interrupt_requested = False
+        self.waiting_input = False
+        self.input_value: Optional[str] = None
+        # Per-cell cap on stream text (characters), enforced here so a flood never
+        # crosses the exec boundary; 0 = unlimited. One notice marks the cut.
+        self.output_limit = max(0, int(fields["output_limit"] or 0))
+        self.streamed = 0
+        self.truncated = False
+
+    @property
+    def next_seq(self) -> int:
+        return self.base + len(self.events)
+
+    def add_stream(self, name: str, text: str) -> bool:
+        """Record stream text (caller holds the cond); False when nothing was recorded.
+
+        Text not yet returned to the kernel is merged into the last event of the same
+        stream, so a flood of prints becomes few events.
+        """
+        if self.state == "finished" or self.truncated:
+            return False
+        if self.output_limit:
+            room = self.output_limit - self.streamed
+            if len(text) > room:
+                text = text[: max(0, room)] + truncation_notice(self.output_limit)
+                self.truncated = True
+            self.streamed += len(text)
+        last = self.events[-1] if self.events else None
+        if (
+            last is not None
+            and last["type"] == protocol.EV_STREAM
+            and last["name"] == name
+            and last["seq"] >= self.fetched
+            and last["_len"] < MERGE_LIMIT
+        ):
+            last["_parts"].append(text)
+            last["_len"] += len(text)
+        else:
+            event = {"seq": self.next_seq, "type": protocol.EV_STREAM, "name": name}
+            event.update({"text": "", "_parts": [text], "_len": len(text)})
+            self.events.append(event)
+        return True
+
+    def add(self, event: Event) -> bool:
+        """Record a non-stream event (caller holds the cond); False once finished."""
+        if self.state == "finished":
+            return False
+        event["seq"] = self.next_seq
+        self.events.append(event)
+        if event["type"] == protocol.EV_DONE:
+            self.done_seq = event["seq"]
+        return True
+
+    def ready(self, since: int, until_done: bool) -> bool:
+        """Whether an answer for a request waiting from ``since`` can go now."""
+        if until_done:
+            return self.state == "finished"
+        return self.next_seq > since or self.state == "finished"
+
+    def take(self, since: int) -> Dict[str, Any]:
+        """The answer for "events from ``since``" (caller holds the cond).
+
+        Events before ``since`` that were returned once are freed (the kernel holds
+        them); at most :data:`MAX_RESPONSE_BYTES` of events go in one answer.
+        """
+        drop = min(since, self.fetched) - self.base
+        if drop > 0:
+            del self.events[:drop]
+            self.base += drop
+        start = min(max(since, self.base), self.next_seq)
+        out: List[Event] = []
+        size = 0
+        for event in self.events[start - self.base :]:
+            if "_parts" in event:
+                event["text"] = "".join(event.pop("_parts"))
+                del event["_len"]
+            n = len(json.dumps(event))
+            if out and size + n > MAX_RESPONSE_BYTES:
+                break
+            out.append(event)
+            size += n
+        nxt = start + len(out)
+        self.fetched = max(self.fetched, nxt)
+        done = 0 <= self.done_seq < nxt
+        return {"ok": True, "events": out, "next": nxt, "done": done}
+
+
+class Call:
+    """A function the main thread runs for a server thread (complete, inspect, …)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # reported to the requester, never kills the loop
+            self.error = exc
+        finally:
+            self.finished.set()

@@ -1,0 +1,278 @@
+"""The agent's state and its main thread: cells, events, interrupts, the runner.
+
+``daemon.run_daemon`` builds one :class:`Agent`, installs its SIGINT handler and output
+capture, then calls :meth:`Agent.setup_runner` and :meth:`Agent.main_loop` on the main
+thread, which runs cells and meta calls in order. Server threads (``ops``) queue cells
+and read their events; the output reader (``capture``) calls :meth:`append_stream`;
+user code's display machinery calls :meth:`emit`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import re
+import secrets
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from . import comms
+from .capture import OutputCapture
+from .cells import Call, Cell
+from .fallback import FallbackRunner
+from .ipython_runner import make_ipython_runner
+from .location import agent_version
+from .runner import Runner
+from .state import remove_state_files
+from .stdin import stdin_patched
+from .tracebacks import format_exception
+from .warmup import Gate, warm_up_jedi
+from .wire import Event, snapshot
+
+#: How long a complete/inspect/history request waits for the main thread.
+META_TIMEOUT_SECONDS = 10.0
+
+log = logging.getLogger("modbox.agent")
+
+
+class Agent:
+    """The daemon's state: cells and their events, the work queue, the runner."""
+
+    def __init__(self, state_dir: str, log_fd: int) -> None:
+        self.state_dir = state_dir
+        self.token = secrets.token_hex(32)
+        self.cond = threading.Condition()
+        self.cells: collections.OrderedDict[str, Cell] = collections.OrderedDict()
+        self.forgotten: set[str] = set()
+        self.work: queue.Queue[Any] = queue.Queue()
+        self.current: Optional[Cell] = None
+        self.runner: Optional[Runner] = None
+        self.ready = threading.Event()
+        self.jedi_warm_up: Optional[threading.Thread] = None
+        self.comm_manager: Any = None  # comm.base_comm.CommManager, once the runner exists
+        self.io = OutputCapture(self, log_fd)
+        self.main_ident = threading.get_ident()
+        self.pid = os.getpid()
+        self.port = 0
+        self.last_count = 0
+        self.in_user_code = False
+        # Held while a request is served or a cell runs; the jedi warm-up waits on it.
+        self.gate = Gate()
+        self._critical_depth = 0
+        self._sigint_pending = False
+        self.mode = "starting"
+        self.version = agent_version()
+        self.ipython_version = _ipython_version_without_import()
+
+    # -- identity
+    def info(self) -> Dict[str, Any]:
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "port": self.port,
+            "python_version": sys.version.split()[0],
+            "implementation": sys.implementation.name,
+            "ipython_version": self.ipython_version,
+            "agent_version": self.version,
+            "mode": self.mode,
+            "ready": self.ready.is_set(),
+        }
+
+    # -- interrupts
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT handler: KeyboardInterrupt only in user code, never in the agent's."""
+        if not self.in_user_code:
+            return
+        if self._critical_depth:
+            self._sigint_pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """Defer a SIGINT that lands in agent code until that code is done."""
+        if threading.get_ident() != self.main_ident:
+            yield
+            return
+        self._critical_depth += 1
+        try:
+            yield
+        finally:
+            self._critical_depth -= 1
+            if not self._critical_depth and self._sigint_pending:
+                self._sigint_pending = False
+                raise KeyboardInterrupt
+
+    # -- events
+    def append_stream(self, cell: Cell, name: str, text: str) -> None:
+        with self.cond:
+            if cell.add_stream(name, text):
+                self.cond.notify_all()
+
+    def _append(self, cell: Cell, event: Event) -> None:
+        """Add a non-stream event (caller holds ``self.cond``)."""
+        if cell.add(event):
+            self.cond.notify_all()
+
+    def emit(self, event: Event) -> None:
+        """Record a non-stream event of the running cell, after the output before it."""
+        with self.critical():
+            self.io.drain()
+            event = snapshot(event)
+            with self.cond:
+                cell = self.current
+                if cell is None:
+                    log.info("dropped a %s event produced outside a cell", event.get("type"))
+                    return
+                self._append(cell, event)
+
+    # -- main thread
+    def setup_runner(self) -> None:
+        """Import IPython (slow, so after ``start`` answered) or fall back."""
+        runner: Optional[Runner] = None
+        if os.environ.get("MODBOX_AGENT_NO_IPYTHON") != "1":
+            try:
+                if not os.environ.get("MPLBACKEND"):
+                    try:
+                        import importlib.util
+
+                        if importlib.util.find_spec("matplotlib_inline") is not None:
+                            # Before matplotlib is imported: plots become display_data.
+                            os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+                    except (ImportError, ValueError):
+                        pass
+                runner = make_ipython_runner(self)
+                import IPython
+
+                self.ipython_version = IPython.__version__
+            except Exception:
+                log.exception("IPython is not usable; running cells in fallback mode")
+                if os.environ.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):
+                    del os.environ["MPLBACKEND"]
+                runner = None
+        if runner is None:
+            self.ipython_version = None
+            os.environ.setdefault("MPLBACKEND", "Agg")
+            runner = FallbackRunner(self)
+        self.runner = runner
+        self.mode = runner.mode
+        self.comm_manager = comms.install_comms(self)
+        self.ready.set()
+        log.info("runner ready: %s", self.mode)
+        if self.ipython_version:
+            # jedi's first completion parses the builtins stubs (seconds on a fresh
+            # sandbox with an empty cache); do it now, off the main thread, so the
+            # user's first Tab is fast. parso's parse cache is process-wide.
+            warm = threading.Thread(
+                target=warm_up_jedi, args=(self.gate,), name="jedi-warm-up", daemon=True
+            )
+            self.jedi_warm_up = warm
+            warm.start()
+
+    def main_loop(self) -> None:
+        while True:
+            item = self.work.get()
+            if isinstance(item, Cell):
+                self._run_cell(item)
+            else:
+                item.run()
+
+    def _run_cell(self, cell: Cell) -> None:
+        runner = self.runner
+        assert runner is not None
+        with self.io.lock:
+            for fd in self.io.fds:  # output from before this cell goes to the log
+                self.io.read_available(fd)
+            with self.cond:
+                cell.state = "running"
+            self.current = cell
+        log.info("cell %s started (count %d)", cell.id, cell.execution_count)
+        t0 = time.monotonic()
+        try:
+            with stdin_patched(self), self.gate.busy():
+                self.in_user_code = True
+                try:
+                    if cell.interrupt_requested:
+                        raise KeyboardInterrupt
+                    if cell.comm is not None:
+                        done = comms.run_comm(self.comm_manager, cell)
+                    else:
+                        done = runner.run(cell)
+                finally:
+                    self.in_user_code = False
+        except BaseException as exc:
+            # An interrupt or error that escaped the runner's own handling.
+            err = format_exception(exc)
+            try:
+                self.emit({"type": "error", **err})
+            except BaseException:
+                log.exception("could not record the error of cell %s", cell.id)
+            done = {"status": "error", "user_expressions": {}, "payload": [], **err}
+        if os.getpid() != self.pid:
+            # A bare os.fork() in the cell: this is the child, which ran the rest of the
+            # cell as a copy of the agent. It must not become a second agent waiting for
+            # cells (holding process slots until the sandbox ends): it ends here, as a
+            # forked child of the stock kernel's cell would at the end of its code.
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(0)
+        self._sigint_pending = False
+        self.io.flush_c_stdio()
+        self.io.drain()
+        done_event = snapshot({"type": "done", "execution_count": cell.execution_count, **done})
+        with self.io.lock:
+            with self.cond:
+                self._append(cell, done_event)
+                cell.state = "finished"
+            self.current = None
+        if cell.comm is None:
+            self.last_count = max(self.last_count, cell.execution_count)
+        log.info("cell %s finished: %s in %.3f s", cell.id, done["status"], time.monotonic() - t0)
+
+    def call_on_main(self, fn: Callable[[], Any]) -> Any:
+        call = Call(fn)
+        self.work.put(call)
+        if not call.finished.wait(META_TIMEOUT_SECONDS):
+            raise TimeoutError("the agent is busy running a cell; try again when it is done")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def exit_now(self) -> None:
+        """Remove our files and leave at once (a running cell dies with us)."""
+        log.info("shutting down")
+        remove_state_files(self.state_dir, os.getpid())
+        os._exit(0)
+
+
+def _ipython_version_without_import() -> Optional[str]:
+    """IPython's version without importing it: ``start`` must not pay for the import.
+
+    The ``ipython-<version>.dist-info`` folder beside the package names it (a listdir);
+    ``importlib.metadata`` (~40 ms to import) is only the fallback.
+    """
+    if os.environ.get("MODBOX_AGENT_NO_IPYTHON") == "1":
+        return None
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("IPython")
+        if spec is None or not spec.origin:
+            return None
+        site_dir = os.path.dirname(os.path.dirname(spec.origin))
+        for name in os.listdir(site_dir):
+            match = re.match(r"(?i)ipython-([^-]+?)\.(dist|egg)-info$", name)
+            if match:
+                return match.group(1)
+        from importlib import metadata
+
+        return metadata.version("ipython")
+    except Exception:
+        return None

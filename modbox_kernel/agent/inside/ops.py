@@ -1,0 +1,206 @@
+"""The agent's answers to requests: one ``op_<name>`` method per op of ``protocol``.
+
+``server`` calls :meth:`Requests.handle_line` on a server thread for each connection.
+Cells are queued for the main thread (``core.Agent.main_loop``) and their events read
+with the cursor of ``cells``; complete/inspect/is_complete/history run on the main
+thread through ``Agent.call_on_main``, since the namespace is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict
+
+from . import comms
+from .cells import KEEP_CELLS, Cell
+from .wire import MAX_WAIT_SECONDS, decode_request, snapshot
+
+if TYPE_CHECKING:
+    from .core import Agent
+    from .runner import Runner
+
+log = logging.getLogger("modbox.agent")
+
+
+class Requests:
+    """Answers the kernel's requests for one :class:`~.core.Agent`."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def handle_line(self, line: bytes) -> Dict[str, Any]:
+        """``<token> <body>``: check the token, decode the body, answer it."""
+        text = line.decode("ascii", "replace").strip()
+        token, _, body = text.partition(" ")
+        if not hmac.compare_digest(token.encode(), self.agent.token.encode()):
+            return {"ok": False, "error": "bad token"}
+        req = decode_request(body.strip())
+        if not isinstance(req, dict):
+            return {"ok": False, "error": "the request is not a JSON object"}
+        return self.handle_request(req)
+
+    def handle_request(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        op = req.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        result: Dict[str, Any] = handler(req)
+        return result
+
+    # -- cells
+    def op_execute(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        if "id" not in req:
+            return {"ok": False, "error": "execute needs an id"}
+        agent = self.agent
+        cid = str(req["id"])
+        with agent.cond:
+            cell = agent.cells.get(cid)
+            known = cell is not None or cid in agent.forgotten
+            if not known:
+                cell = Cell(req, agent.last_count + 1)
+                agent.cells[cid] = cell
+                self._forget_old_cells()
+                agent.work.put(cell)
+        if cell is None:
+            return {"ok": False, "error": f"cell {cid} finished long ago; its events are gone"}
+        if known:  # a resent execute never runs the code again: it is a poll
+            return self._collect(cell, req, until_done=False)
+        return self._collect(cell, req, until_done=True)
+
+    def op_poll(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        with self.agent.cond:
+            cell = self.agent.cells.get(str(req.get("id")))
+        if cell is None:
+            return {"ok": False, "error": f"unknown cell id {req.get('id')!r}"}
+        return self._collect(cell, req, until_done=False)
+
+    def _forget_old_cells(self) -> None:
+        cells = self.agent.cells
+        while len(cells) > KEEP_CELLS:
+            oldest_id, oldest = next(iter(cells.items()))
+            if oldest.state != "finished":
+                return
+            del cells[oldest_id]
+            self.agent.forgotten.add(oldest_id)
+
+    def _collect(self, cell: Cell, req: Dict[str, Any], until_done: bool) -> Dict[str, Any]:
+        """Wait (up to ``wait`` s) until there is something from ``since``; answer it."""
+        since = max(0, int(req.get("since") or 0))
+        wait = min(max(0.0, float(req.get("wait") or 0)), MAX_WAIT_SECONDS)
+        deadline = time.monotonic() + wait
+        cond = self.agent.cond
+        with cond:
+            while True:
+                remaining = deadline - time.monotonic()
+                if cell.ready(since, until_done) or remaining <= 0:
+                    break
+                cond.wait(remaining)
+            return cell.take(since)
+
+    def op_interrupt(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        agent = self.agent
+        with agent.cond:
+            cell = agent.cells.get(str(req.get("id")))
+            if cell is None or cell.state == "finished":
+                return {"ok": True, "delivered": False}
+            cell.interrupt_requested = True
+            running = cell.state == "running" and agent.in_user_code and agent.current is cell
+        if running:
+            # pthread_kill, not kill: the main thread must be the one whose sleep/read
+            # gets EINTR, or the KeyboardInterrupt waits for that call to return.
+            signal.pthread_kill(agent.main_ident, signal.SIGINT)
+            _interrupt_children()
+        # A queued cell sees interrupt_requested when it starts and does not run.
+        return {"ok": True, "delivered": True}
+
+    def op_input_reply(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        agent = self.agent
+        with agent.cond:
+            cell = agent.cells.get(str(req.get("id")))
+            if cell is None or not cell.waiting_input or cell.input_value is not None:
+                return {"ok": False, "error": f"cell {req.get('id')!r} is not waiting for input"}
+            cell.input_value = str(req.get("value", ""))
+            agent.cond.notify_all()
+        return {"ok": True}
+
+    # -- questions about the namespace
+    def _meta(self, fn: Callable[[Runner], Dict[str, Any]]) -> Dict[str, Any]:
+        agent = self.agent
+
+        def call() -> Dict[str, Any]:
+            assert agent.runner is not None
+            return fn(agent.runner)
+
+        try:
+            reply = agent.call_on_main(call)
+        except TimeoutError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "reply": snapshot(reply)}
+
+    def op_comm_info(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        reply = comms.comm_info(self.agent.comm_manager, req.get("target_name"))
+        return {"ok": True, "reply": reply}
+
+    def op_complete(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        code = str(req.get("code", ""))
+        pos = req.get("cursor_pos")
+        cursor = len(code) if pos is None else int(pos)
+        agent = self.agent
+
+        def complete(r: Any) -> Any:
+            # jedi is not thread-safe: let the background warm-up finish first (it
+            # would otherwise wait for this very request to end).
+            warm = agent.jedi_warm_up
+            if warm is not None:
+                agent.gate.open()
+                warm.join(timeout=8.0)
+            return r.complete(code, cursor)
+
+        return self._meta(complete)
+
+    def op_inspect(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        code = str(req.get("code", ""))
+        pos = req.get("cursor_pos")
+        cursor = len(code) if pos is None else int(pos)
+        level = int(req.get("detail_level") or 0)
+        return self._meta(lambda r: r.inspect(code, cursor, level))
+
+    def op_is_complete(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        code = str(req.get("code", ""))
+        return self._meta(lambda r: r.is_complete(code))
+
+    def op_history(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return self._meta(lambda r: {"history": r.history(req)})
+
+    # -- the agent itself
+    def op_info(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return {"ok": True, "reply": self.agent.info()}
+
+    def op_shutdown(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return {"ok": True, "_then_exit": True}
+
+
+def _interrupt_children() -> None:
+    """SIGINT the cell's child processes, as ipykernel's ``killpg`` of its group does.
+
+    ``os.system('sleep 30')`` ignores SIGINT in the caller while it waits, so only the
+    child can end it. Background jobs started with ``&`` ignore SIGINT (POSIX), as they
+    do under the local kernel. The agent itself is left out: it got its own signal.
+    """
+    me, group = os.getpid(), os.getpgrp()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            if os.getpgid(pid) == group:
+                os.kill(pid, signal.SIGINT)
+        except OSError:
+            pass

@@ -1,0 +1,67 @@
+"""Putting the agent into a new sandbox and starting it there (or starting it again).
+
+Who calls what, and when: the session (``session.py``) calls :func:`install_agent` and
+then :func:`start_agent` while it provisions a sandbox, and :func:`restart_agent` when
+the kernel gives up on a cell that ignored its interrupt. The agent is the one-file
+artifact built by ``modbox_kernel.agent``; its start line is one JSON object
+(``docs/agent-protocol.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import shlex
+from typing import Any
+
+from . import agent as agent_mod
+from .api import SandboxRuntime
+from .errors import AgentError
+from .uploads import put_file, tail
+
+
+async def install_agent(runtime: SandboxRuntime) -> tuple[str, str]:
+    """Put the agent into the sandbox; returns (state dir, agent file), both absolute."""
+    # One exec learns the sandbox's home directory, so every later path is absolute
+    # and does not depend on the working directory a real image gives exec.
+    res = await runtime.exec('mkdir -p "$HOME/.modbox" && cd "$HOME/.modbox" && pwd -P')
+    if res.exit_code != 0 or not res.stdout.strip():
+        raise AgentError(f"could not prepare the sandbox: {tail(res)}")
+    state_dir = res.stdout.strip().splitlines()[-1]
+    name = agent_mod.agent_file_name()
+    agent_file = await put_file(runtime, state_dir, name, agent_mod.agent_artifact())
+    return state_dir, agent_file
+
+
+def upload_dir(state_dir: str, agent_file: str) -> str | None:
+    """Where uploads land, learned from where the agent's own upload landed; None when
+    the agent had to be written with exec (into ``state_dir``) because uploads failed."""
+    directory = posixpath.dirname(agent_file)
+    return None if directory == state_dir else directory
+
+
+async def start_agent(runtime: SandboxRuntime, state_dir: str, agent_file: str) -> dict[str, Any]:
+    """Start (or restart: the agent stops an earlier one) and return its start line."""
+    res = await runtime.exec(agent_mod.start_command(agent_file, state_dir), read_timeout=60.0)
+    line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+    try:
+        start_info = json.loads(line)
+    except ValueError:
+        start_info = {}
+    if res.exit_code != 0 or not start_info.get("ok"):
+        reason = start_info.get("error") or tail(res)
+        raise AgentError(f"the Python agent did not start in the sandbox: {reason}")
+    return dict(start_info)
+
+
+async def restart_agent(runtime: SandboxRuntime, state_dir: str, agent_file: str) -> dict[str, Any]:
+    """SIGKILL the agent (a cell that ignores interrupts stops with it), start a new one.
+
+    Files in the sandbox are kept; the namespace is gone.
+    """
+    pid_file = shlex.quote(f"{state_dir}/pid")
+    await runtime.exec(
+        f'P=$(cat {pid_file} 2>/dev/null) && kill -9 "$P" 2>/dev/null; true',
+        read_timeout=10.0,
+    )
+    return await start_agent(runtime, state_dir, agent_file)

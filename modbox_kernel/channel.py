@@ -1,0 +1,178 @@
+"""The agent channel: requests to the in-sandbox agent, each carried by one exec.
+
+Who calls what, and when: the session (``session.py``) makes one :class:`AgentChannel`
+per sandbox once its agent runs, and sends every request through it: a cell is
+:meth:`AgentChannel.run_cell` (submit, then long-polls until ``done``), interrupts,
+``input()`` answers and the namespace's questions are single :meth:`request` calls.
+
+Transport (``docs/agent-protocol.md``): the exec command is a fixed bash line carrying
+base64 JSON, or the path of an uploaded file for large requests, so cell source never
+passes through shell interpolation. Requests that may be repeated (``execute`` is
+deduplicated by cell id in the agent, ``poll`` only reads) are retried through
+transport faults; events carry sequence numbers, so a retried request loses and
+duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import agent as agent_mod
+from . import protocol
+from .api import SandboxRuntime
+from .errors import AgentError, ApiError, ModboxTimeoutError, ServiceUnreachableError
+from .uploads import put_file, tail
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], Awaitable[None]]
+# Wraps each request of a cell: the session turns "agent unreachable" into a lost sandbox.
+Guard = Callable[[Awaitable[dict[str, Any]]], Awaitable[dict[str, Any]]]
+
+# How long one long-poll exec may wait inside the agent before answering empty.
+POLL_WAIT = 1.0
+# How long the submitting exec waits for a short cell to finish (one round trip).
+SUBMIT_WAIT = 0.1
+# After a poll that brought only stream text, wait this long before the next one, so a
+# flood of prints reaches IOPub as a few tens of messages per second, not thousands.
+MIN_STREAM_INTERVAL = 0.02
+# How long transient transport faults (resets, 5xx, stalls) are retried while a cell
+# runs before the cell fails with a sentence.
+TRANSPORT_RETRY_WINDOW = 30.0
+
+
+class AgentUnreachable(Exception):
+    """The exec ran but the agent did not answer (it is dead or was never started)."""
+
+
+class AgentChannel:
+    """Requests to the agent of one sandbox (``state_dir`` holds its port and token)."""
+
+    def __init__(
+        self,
+        runtime: SandboxRuntime,
+        state_dir: str,
+        *,
+        upload_dir: str | None,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.runtime = runtime
+        self.state_dir = state_dir
+        # Where uploads land (learned at bootstrap), or None: write large requests by exec.
+        self.upload_dir = upload_dir
+        # True when retrying is pointless (the embedded service this kernel runs died).
+        self._give_up = give_up
+
+    async def request(
+        self, payload: dict[str, Any], *, read_timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Send one request and return the agent's JSON answer (``ok`` is true).
+
+        Raises :class:`AgentUnreachable` when no agent answered, :class:`AgentError`
+        when it refused or answered nonsense, and the runtime's errors otherwise.
+        """
+        b64 = agent_mod.encode_request(payload)
+        if len(b64) <= agent_mod.INLINE_LIMIT:
+            command = agent_mod.request_command(self.state_dir, encoded=b64)
+        else:
+            # The agent takes a base64 body in the file as well: no second encoding.
+            name = f"modbox-req-{uuid.uuid4().hex}.json"
+            path = await put_file(
+                self.runtime,
+                self.state_dir,
+                name,
+                b64.encode("ascii"),
+                upload_dir=self.upload_dir,
+            )
+            command = agent_mod.request_command(self.state_dir, ref=path)
+        res = await self.runtime.exec(command, read_timeout=read_timeout)
+        if res.exit_code == agent_mod.UNREACHABLE_EXIT:
+            raise AgentUnreachable(tail(res))
+        line = res.stdout.strip()
+        if not line and res.exit_code == 0:
+            # The connection closed without an answer: the agent died while handling
+            # this request (a cell that killed its own process, a segfault, the OOM killer).
+            raise AgentUnreachable(tail(res))
+        try:
+            answer = json.loads(line) if line else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise AgentError(f"the sandbox agent gave an unreadable answer: {tail(res)}")
+        if not answer.get("ok"):
+            raise AgentError(f"the sandbox agent refused a request: {answer.get('error')}")
+        return answer
+
+    async def request_retrying(
+        self, payload: dict[str, Any], *, read_timeout: float
+    ) -> dict[str, Any]:
+        """Like :meth:`request` for idempotent requests: transport faults are retried.
+
+        Safe because ``execute`` is deduplicated by cell id in the agent and ``poll``
+        only reads; so a reset connection or a 503 burst loses and repeats nothing.
+        """
+        deadline: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                return await self.request(payload, read_timeout=read_timeout)
+            except (ServiceUnreachableError, ModboxTimeoutError, ApiError) as exc:
+                if isinstance(exc, ApiError) and not transient(exc):
+                    raise
+                if self._give_up():
+                    raise  # nothing to wait for: the session reports the lost sandbox
+                # The window starts at the first fault: one stalled request that used up
+                # its whole read timeout must still get a retry.
+                if deadline is None:
+                    deadline = time.monotonic() + TRANSPORT_RETRY_WINDOW
+                if time.monotonic() + delay > deadline:
+                    raise ServiceUnreachableError(
+                        f"lost contact with the Modbox service for {TRANSPORT_RETRY_WINDOW:.0f} s "
+                        f"while the cell ran ({exc.message})",
+                        hint="the sandbox may still be running it; check the network or the "
+                        "service, then run the next cell",
+                    ) from exc
+                log.warning("transport fault talking to the sandbox (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def run_cell(
+        self, cell: protocol.CellRequest, on_event: EventCallback, guard: Guard
+    ) -> dict[str, Any]:
+        """Run one cell; call ``on_event`` for each event in order; return the done event.
+
+        The cursor: ``since`` is the number of the next event this side needs. Events
+        below it (a retried request's repeats) are skipped, and each poll asks for
+        events from it on, so every event is relayed exactly once.
+        """
+        since = 0
+        submit = protocol.execute_request(cell, wait=SUBMIT_WAIT, since=0)
+        answer = await guard(self.request_retrying(submit, read_timeout=30.0))
+        while True:
+            only_streams = True
+            for event in answer.get("events", []):
+                seq = int(event.get("seq", since))
+                if seq < since:
+                    continue  # already relayed before a retried request
+                since = seq + 1
+                if event.get("type") == protocol.EV_DONE:
+                    return event
+                if event.get("type") != protocol.EV_STREAM:
+                    only_streams = False
+                await on_event(event)
+            since = max(since, int(answer.get("next", since)))
+            if only_streams and answer.get("events"):
+                await asyncio.sleep(MIN_STREAM_INTERVAL)
+            poll = protocol.poll_request(cell.cell_id, since=since, wait=POLL_WAIT)
+            answer = await guard(self.request_retrying(poll, read_timeout=POLL_WAIT + 10.0))
+
+
+def transient(exc: ApiError) -> bool:
+    """Whether an HTTP error answer is worth retrying (overload, gateway trouble)."""
+    return exc.status_code in (408, 425, 429, 502, 503, 504)
