@@ -371,11 +371,16 @@ class SandboxSession:
         its agent died, so the next cell provisions a fresh one.
         """
         sandbox = await self.ensure_ready()
-        self.running_cell = cell.cell_id
 
         def guard(request: Awaitable[dict[str, Any]]) -> Awaitable[dict[str, Any]]:
             return self._guarded(sandbox, request)
 
+        if cell.comm is not None:
+            # A frontend's comm message may be handled while a cell runs (ipykernel
+            # dispatches it concurrently): it must not become the target of that cell's
+            # interrupts and input replies, nor clear it when it is done.
+            return await sandbox.channel.run_cell(cell, on_event, guard)
+        self.running_cell = cell.cell_id
         try:
             return await sandbox.channel.run_cell(cell, on_event, guard)
         finally:

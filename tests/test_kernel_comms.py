@@ -243,3 +243,51 @@ def test_a_long_button_callback_streams_its_output(request: pytest.FixtureReques
         assert after.stdout == "still here\n", after.describe()
     finally:
         stop_kernel(km, kc)
+
+
+def _interrupt_with_a_comm_message_waiting(km: Any, kc: BlockingKernelClient) -> dict[str, Any]:
+    """A frontend moves a slider while a cell sleeps, then interrupts the cell."""
+    created = run_cell(kc, "kept = 'yes'\n" + SLIDER_CELL)
+    assert created.status == "ok", created.describe()
+    (view,) = [
+        m["content"]["data"][WIDGET_VIEW]
+        for m in created.outputs
+        if m["msg_type"] == "execute_result"
+    ]
+    sleeping = kc.execute("import time\ntime.sleep(30)")
+    time.sleep(1.0)
+    update = {"method": "update", "state": {"value": 3}, "buffer_paths": []}
+    kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": view["model_id"], "data": update}))
+    time.sleep(0.5)
+    started = time.monotonic()
+    km.interrupt_kernel()
+    reply = None
+    while reply is None:
+        msg = kc.get_shell_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == sleeping:
+            reply = msg
+    took = time.monotonic() - started
+    time.sleep(0.5)  # the comm message is handled after the cell
+    after = run_cell(kc, "print(kept, s.value)")
+    return {
+        "ename": reply["content"].get("ename"),
+        "quick": took < 2.5,  # well before the 3 s escalation (which loses variables)
+        "after": after.stdout,
+    }
+
+
+def test_an_interrupt_reaches_the_cell_while_a_comm_message_waits(
+    request: pytest.FixtureRequest,
+) -> None:
+    # A comm message that arrives while a cell runs is dispatched at once by ipykernel
+    # and waits in the sandbox behind the cell; the interrupt must still stop the cell,
+    # not the waiting comm message, so nothing escalates and the variables survive.
+    seen = {}
+    for name in (REFERENCE_KERNEL, KERNEL_NAME):
+        km, kc = start_kernel(name, env_for_kernel(request, name))
+        try:
+            seen[name] = _interrupt_with_a_comm_message_waiting(km, kc)
+        finally:
+            stop_kernel(km, kc)
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
+    assert seen[KERNEL_NAME] == {"ename": "KeyboardInterrupt", "quick": True, "after": "yes 3\n"}
