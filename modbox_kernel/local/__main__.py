@@ -165,7 +165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _require_isolation() -> bool:
-    return os.environ.get("MODBOX_REQUIRE_ISOLATION", "").strip().lower() in ("1", "true", "yes")
+    # The kernel checks the same variable (modbox_kernel/settings.py) and accepts these.
+    value = os.environ.get("MODBOX_REQUIRE_ISOLATION", "").strip().lower()
+    return value in ("1", "true", "yes", "on")
 
 
 def _base_url(host: str, port: int) -> str:

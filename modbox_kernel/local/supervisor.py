@@ -1,6 +1,6 @@
 """The process that lives inside one sandbox and runs its exec commands.
 
-Who runs it: the local service (``modbox_kernel.local.sandbox``) starts one per
+Who runs it: the local service (``modbox_kernel.local.jailprocess``) starts one per
 sandbox, as the last link of ``bwrap … -- prlimit … -- python3 -I -S supervisor.py``
 (or without bwrap in ``none`` mode). It is ro-bound into the jail at
 ``/opt/modbox/supervisor.py`` and must therefore use the standard library only and
