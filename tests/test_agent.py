@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
+from service_helpers import wait_until
 
 from modbox_kernel import protocol
 from modbox_kernel.agent import (
@@ -464,8 +465,7 @@ def test_a_first_cell_and_the_completion_warm_up_do_not_block_each_other(
     # Once the agent has been quiet for half a second, jedi's warm-up starts importing
     # jedi on a background thread, and it steps aside whenever a cell runs. A cell
     # that needs what that thread might hold (the import locks of jedi's and parso's
-    # modules, logging's lock) must not hang, and the warm-up must finish afterwards
-    # so that completion answers.
+    # modules, logging's lock) must not hang, and completion must answer meanwhile.
     time.sleep(0.55)
     code = (
         "import importlib, logging\n"
@@ -477,6 +477,33 @@ def test_a_first_cell_and_the_completion_warm_up_do_not_block_each_other(
     assert stdout_of(fresh.execute(code, timeout=30)) == "ran\n"
     reply = fresh.request({"op": "complete", "code": "import o", "cursor_pos": 8})["reply"]
     assert "os" in reply["matches"], reply
+
+
+def test_the_first_tab_is_answered_at_once_and_jedi_takes_over_once_warm(
+    tmp_path: Path,
+) -> None:
+    # jedi's first completion costs 1-2 s in a fresh sandbox (an empty parso cache),
+    # longer than JupyterLab waits for an answer (1 s). Until the warm-up has done it,
+    # IPython's own matchers answer; once it has, jedi does (its types say which).
+    agent = AgentUnderTest(tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "empty-cache")})
+    agent.start()
+    try:
+        agent.execute("import collections")
+        request = protocol.query("complete", code="collections.Ord", cursor_pos=15)
+        started = time.monotonic()
+        reply = agent.request(request)["reply"]
+        took = time.monotonic() - started
+        assert took < 1.0, f"the first completion took {took:.2f} s"
+        edits = {"collections.Ord"[: reply["cursor_start"]] + m for m in reply["matches"]}
+        assert "collections.OrderedDict" in edits, reply
+
+        def jedi_answers() -> bool:
+            types = agent.request(request)["reply"]["metadata"]["_jupyter_types_experimental"]
+            return [t["type"] for t in types] == ["class"]
+
+        assert wait_until(jedi_answers, 30, 0.7), "jedi never took over after the warm-up"
+    finally:
+        agent.stop()
 
 
 def test_interrupt_reaches_a_child_process(both: AgentUnderTest) -> None:

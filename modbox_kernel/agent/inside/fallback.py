@@ -180,7 +180,7 @@ class FallbackRunner(Runner):
         after = re.match(r"\w*", code[cursor_pos:])
         return (before.group(0) if before else "") + (after.group(0) if after else "")
 
-    def complete(self, code: str, cursor_pos: int) -> Dict[str, Any]:
+    def complete(self, code: str, cursor_pos: int, *, quick: bool = False) -> Dict[str, Any]:
         match = re.search(r"[\w.]*$", code[:cursor_pos])
         text = match.group(0) if match else ""
         import rlcompleter

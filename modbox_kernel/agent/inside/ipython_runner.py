@@ -251,26 +251,35 @@ def make_ipython_runner(agent: Agent) -> Runner:
                 while len(hist) < count:
                     hist.append("")
 
-        def complete(self, code: str, cursor_pos: int) -> Dict[str, Any]:
+        def complete(self, code: str, cursor_pos: int, *, quick: bool = False) -> Dict[str, Any]:
             # ipykernel's default path (its "experimental" completions API): the legacy
             # shell.complete() finds nothing while jedi is on in recent IPython.
+            # ``quick``: without jedi (IPython's own matchers: names, attributes, keys,
+            # paths), for while jedi is not warm yet (see ops.op_complete).
             try:
                 from IPython.core.completer import provisionalcompleter, rectify_completions
             except ImportError:
                 return self._complete_legacy(code, cursor_pos)
-            with provisionalcompleter():
-                raw = self.shell.Completer.completions(code, cursor_pos)
-                completions = list(rectify_completions(code, raw))
-                types_ = [
-                    {
-                        "start": c.start,
-                        "end": c.end,
-                        "text": c.text,
-                        "type": c.type,
-                        "signature": c.signature,
-                    }
-                    for c in completions
-                ]
+            completer = self.shell.Completer
+            use_jedi = completer.use_jedi
+            if quick:
+                completer.use_jedi = False
+            try:
+                with provisionalcompleter():
+                    raw = completer.completions(code, cursor_pos)
+                    completions = list(rectify_completions(code, raw))
+            finally:
+                completer.use_jedi = use_jedi
+            types_ = [
+                {
+                    "start": c.start,
+                    "end": c.end,
+                    "text": c.text,
+                    "type": c.type,
+                    "signature": c.signature,
+                }
+                for c in completions
+            ]
             if completions:
                 start, end = completions[0].start, completions[0].end
             else:

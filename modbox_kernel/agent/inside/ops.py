@@ -152,12 +152,14 @@ class Requests:
         agent = self.agent
 
         def complete(r: Any) -> Any:
-            # jedi is not thread-safe: let the background warm-up finish first (it
-            # would otherwise wait for this very request to end).
+            # jedi's first completion costs 1-2 s of CPU in a fresh sandbox, more than
+            # frontends wait (JupyterLab drops an answer after 1 s): until the warm-up
+            # has done it, answer without jedi (IPython's own matchers: names,
+            # attributes, keys, paths, in milliseconds). That also keeps jedi, which is
+            # not thread-safe, to the warm-up thread, parked while this request runs.
             warm = agent.jedi_warm_up
-            if warm is not None:
-                agent.gate.open()
-                warm.join(timeout=8.0)
+            if warm is not None and warm.is_alive():
+                return r.complete(code, cursor, quick=True)
             return r.complete(code, cursor)
 
         return self._meta(complete)

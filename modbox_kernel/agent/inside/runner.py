@@ -22,7 +22,8 @@ class Runner:
         """Run the cell; return the ``done`` fields (status, user_expressions, payload…)."""
         raise NotImplementedError
 
-    def complete(self, code: str, cursor_pos: int) -> Dict[str, Any]:
+    def complete(self, code: str, cursor_pos: int, *, quick: bool = False) -> Dict[str, Any]:
+        """Completions at ``cursor_pos``; ``quick``: only what needs no slow warm-up."""
         raise NotImplementedError
 
     def inspect(self, code: str, cursor_pos: int, detail_level: int) -> Dict[str, Any]:

@@ -25,8 +25,6 @@ class Gate:
     The background thread calls :meth:`wait` at safe points, which returns once nothing
     has been busy for :data:`QUIET_SECONDS`: a notebook run cell after cell (nbclient)
     leaves no such gap and pays nothing, a person at the keyboard leaves plenty.
-    :meth:`open` lets the background work through for good, for a caller that needs its
-    result now.
     """
 
     QUIET_SECONDS = 0.5
@@ -34,7 +32,6 @@ class Gate:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._busy = 0
-        self._open = False
         self._quiet_since = time.monotonic()
 
     @contextlib.contextmanager
@@ -49,21 +46,13 @@ class Gate:
                 self._quiet_since = time.monotonic()
                 self._cond.notify_all()
 
-    def open(self) -> None:
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-    def is_open(self) -> bool:
-        return self._open
-
     def closed(self) -> bool:
         """Whether work is in progress now (cheap; a racy read is fine: it is a hint)."""
-        return self._busy > 0 and not self._open
+        return self._busy > 0
 
     def wait(self) -> None:
         with self._cond:
-            while not self._open:
+            while True:
                 if self._busy:
                     self._cond.wait()
                     continue
@@ -94,9 +83,6 @@ def warm_up_jedi(gate: Gate) -> None:
         # import holds its module's lock and, while finding a spec, the global import
         # lock, so the first cell's own lazy import (IPython's run_cell has one)
         # would wait forever. Other libraries' code may hold locks too (logging's).
-        if gate.is_open():
-            sys.settrace(None)  # someone waits for the result: no more tracing cost
-            return
         if not gate.closed() or not frame.f_code.co_filename.startswith(packages):
             return
         f = frame
