@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kernel_helpers import Kernels
@@ -85,3 +86,12 @@ def kernels() -> Iterator[Kernels]:
     """
     with Kernels() as started:
         yield started
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so a fixture can tell that its test failed
+    (the browser tests save a screenshot and the console then)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
