@@ -8,11 +8,14 @@ uploads the archive and unpacks it in the sandbox's working directory, so the sa
 relative paths work there. Nothing is copied back.
 
 What is packed: regular files below the folder, except hidden ones (``.git``, ``.env``,
-SSH keys, ``.ipynb_checkpoints``), ``__pycache__``, ``node_modules`` and virtual
-environments; symlinks are not followed. A home directory or ``/`` is never packed: it
-is the user's whole account, not a notebook's inputs. Past ``limit`` bytes or
-:data:`MAX_FILES` files nothing is packed, and the reason says which setting to change:
-half a copy would fail later and more confusingly.
+``.ssh``, ``.bash_history``, ``.jupyter``, ``.ipynb_checkpoints``), ``__pycache__``,
+``node_modules`` and virtual environments; symlinks are not followed. A home folder is
+packed like any other: on a hub (TLJH, Zero to JupyterHub, nbgrader courses) the
+notebook server's root *is* the student's home, with the course's notebooks and data
+in it, and what must stay private there (keys, shell history, tokens) is hidden and so
+left out anyway. ``/`` is never packed. Past ``limit`` bytes or :data:`MAX_FILES` files
+nothing is packed, and the reason says which setting to change and where: half a copy
+would fail later and more confusingly.
 """
 
 from __future__ import annotations
@@ -44,10 +47,9 @@ class Packed:
 def pack_folder(root: str, limit: int) -> Packed:
     """Pack the copyable files below ``root`` (see the module docstring); blocking."""
     folder = Path(root).resolve()
-    whole = {Path(folder.anchor): "the root folder", Path.home().resolve(): "your home folder"}
-    if folder in whole:
+    if folder == Path(folder.anchor):
         return Packed(
-            skipped=f"{folder} is {whole[folder]}, so it was not copied into the sandbox;"
+            skipped=f"{folder} is the root folder, so it was not copied into the sandbox;"
             " start the kernel in the notebook's own folder to have its files there"
         )
     found: list[tuple[str, str]] = []  # (path on this machine, name in the archive)
@@ -96,9 +98,13 @@ def _is_venv(path: str) -> bool:
 
 
 def _too_big(folder: Path, limit: int) -> Packed:
+    # Said to whoever runs the notebook; on a hub only the operator can change the
+    # kernel's environment, so the sentence says where the setting lives.
     return Packed(
         skipped=(
             f"the files in {folder} exceed {limit / MIB:g} MiB or {MAX_FILES} files, so none"
-            " were copied into the sandbox; raise MODBOX_COPY_LIMIT (bytes) to copy them"
+            " were copied into the sandbox; to copy them, raise MODBOX_COPY_LIMIT (bytes) in"
+            " the kernel's environment (the kernelspec's env, or on a hub the spawner's"
+            " environment), or keep the notebook and its data in a smaller folder"
         )
     )

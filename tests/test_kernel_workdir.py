@@ -4,12 +4,12 @@ Jupyter starts a kernel in the notebook's folder, and notebooks read their input
 there (``pd.read_csv("data.csv")``). modbox-python copies that folder into each new
 sandbox's working directory, leaving out hidden files, caches, virtual environments
 and symlinks, and copies nothing (with one notice naming the setting) past
-``MODBOX_COPY_LIMIT`` or when it is a home folder.
+``MODBOX_COPY_LIMIT`` or for ``/``. A home folder (a hub student's) is copied like any
+other.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,83 @@ def test_a_replacement_sandbox_gets_the_folder_again(
     assert again.stdout == "x,y\n1,2\n3,4\n"
 
 
-def test_a_home_folder_is_never_packed(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_home_folder_is_packed_like_any_other_but_root_never(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a hub the server's root is the student's home: it is copied, with the same
+    # exclusions (hidden files, caches, venvs, symlinks) as any folder.
     monkeypatch.setenv("HOME", str(folder))
     packed = pack_folder(str(folder), limit=10**9)
-    assert packed.archive is None and packed.skipped is not None
-    assert "your home folder" in packed.skipped
-    monkeypatch.setenv("HOME", os.path.dirname(folder))
-    assert pack_folder(str(folder), limit=10**9).files == 2
+    assert packed.skipped is None and packed.files == 2
+    root = pack_folder("/", limit=10**9)
+    assert root.archive is None and root.skipped is not None
+    assert "the root folder" in root.skipped
+
+
+@pytest.fixture
+def student_home(tmp_path: Path) -> Path:
+    """A hub student's home: course files beside what must never reach a sandbox."""
+    home = tmp_path / "home" / "student"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (home / ".bash_history").write_text("export SECRET=1\n")
+    (home / ".jupyter").mkdir()
+    (home / ".jupyter" / "jupyter_server_config.json").write_text("{}")
+    (home / "data.csv").write_text("x,y\n1,2\n3,4\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import pandas as pd\npd.read_csv('data.csv')")]
+    nbformat.write(nb, str(home / "lesson.ipynb"))
+    return home
+
+
+def test_a_notebook_in_the_students_home_reads_its_data_as_under_python3(
+    request: pytest.FixtureRequest, student_home: Path
+) -> None:
+    seen = {}
+    for name in (REFERENCE_KERNEL, KERNEL_NAME):
+        env = {**env_for_kernel(request, name), "HOME": str(student_home)}
+        km, kc = start_kernel(name, env, cwd=student_home)
+        try:
+            run = run_cell(kc, "import pandas as pd\npd.read_csv('data.csv')")
+            assert run.status == "ok", run.describe()
+            results = [
+                m["content"]["data"] for m in run.outputs if m["msg_type"] == "execute_result"
+            ]
+            seen[name] = (results, run.stderr)
+        finally:
+            stop_kernel(km, kc)
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
+    (results, notice) = seen[KERNEL_NAME]
+    assert "text/html" in results[0] and notice == ""  # no notice at all
+
+
+@only_modbox("copying the folder is what modbox-python adds")
+def test_a_students_keys_history_and_jupyter_files_stay_out(
+    kernel_in: Any, student_home: Path
+) -> None:
+    kc = kernel_in(student_home, HOME=str(student_home))
+    probes = [".ssh/id_rsa", ".ssh", ".bash_history", ".jupyter", "data.csv", "lesson.ipynb"]
+    run = run_cell(kc, f"import os\nfor p in {probes!r}:\n    print(p, os.path.exists(p))")
+    assert run.status == "ok", run.describe()
+    present = {p: flag == "True" for p, flag in (line.split() for line in run.stdout.splitlines())}
+    assert present == {
+        ".ssh/id_rsa": False,
+        ".ssh": False,
+        ".bash_history": False,
+        ".jupyter": False,
+        "data.csv": True,
+        "lesson.ipynb": True,
+    }
+
+
+@only_modbox("copying the folder is what modbox-python adds")
+def test_a_home_over_the_limit_gives_one_notice_naming_the_setting(
+    kernel_in: Any, student_home: Path
+) -> None:
+    kc = kernel_in(student_home, HOME=str(student_home), MODBOX_COPY_LIMIT="10")
+    first = run_cell(kc, "print('first')")
+    assert first.status == "ok", first.describe()
+    (notice,) = [line for line in first.stderr.splitlines() if line]
+    assert "MODBOX_COPY_LIMIT" in notice and str(student_home) in notice
+    assert "spawner" in notice  # where a hub's operator sets it
+    assert run_cell(kc, "print('again')").stderr == ""
