@@ -107,6 +107,7 @@ class ApiError(ModboxError):
         retryable: bool | None = None,
         details: list[dict[str, Any]] | None = None,
         retry_after: float | None = None,
+        service_message: str | None = None,
     ) -> None:
         self.status_code = status_code
         self.code = code
@@ -114,6 +115,8 @@ class ApiError(ModboxError):
         self.retryable = retryable
         self.details = details or []
         self.retry_after = retry_after
+        # The service's own sentence (the envelope's message), without our framing.
+        self.service_message = service_message
         super().__init__(message, hint=hint)
 
     def __repr__(self) -> str:
@@ -292,4 +295,5 @@ def api_error_from_response(
         retryable=retryable,
         details=details,
         retry_after=_parse_retry_after(headers.get("retry-after")),
+        service_message=message,
     )

@@ -130,6 +130,12 @@ class CellExecution:
                 if done:
                     break
                 text = f"Starting a Modbox sandbox… {time.monotonic() - t0:.0f} s"
+                if self.sandbox.waiting:
+                    # At capacity: say so, and the place in line where the service says it.
+                    text = (
+                        f"Waiting for a Modbox sandbox… {time.monotonic() - t0:.0f} s: "
+                        f"{self.sandbox.waiting}"
+                    )
                 relay.progress(text, update=shown)
                 shown = True
         except asyncio.CancelledError:

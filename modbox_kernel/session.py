@@ -46,6 +46,7 @@ from .errors import (
 )
 from .foldercopy import copy_folder
 from .protocol import CellRequest
+from .queueing import create_in_line, new_key
 from .workdir import Packed, pack_folder
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ class SandboxSession:
         # Set when the notebook's folder was not copied into a new sandbox, and why.
         self._copy_notice: str | None = None
         self.running_cell: str | None = None
+        # While the create waits for capacity: why, for the waiting cell's progress line.
+        self.waiting: str | None = None
+        # The next create's Idempotency-Key: its place in line at capacity (queueing.py).
+        self._create_key = new_key()
         self._ttl_warned: str | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
 
@@ -132,6 +137,9 @@ class SandboxSession:
         ttl = self.config.ttl_seconds
         margin = min(TTL_REPLACE_MARGIN, 0.1 * ttl)
         return time.monotonic() - sandbox.created >= ttl - margin
+
+    def _set_waiting(self, reason: str | None) -> None:
+        self.waiting = reason
 
     @property
     def agent_info(self) -> dict[str, Any]:
@@ -200,18 +208,26 @@ class SandboxSession:
         env = dict(cfg.env_vars)
         env["SANDBOX_API_KEY"] = api_key
         task_id = f"modbox-kernel-{uuid.uuid4().hex[:12]}"
+        deadline = t0 + cfg.startup_timeout
         try:
-            info = await client.create_sandbox(
+            info = await create_in_line(
+                client,
+                key=self._create_key,
+                deadline=deadline,
+                on_wait=self._set_waiting,
+                timeout_setting=cfg.startup_timeout,
                 task_id=task_id,
                 image_id=cfg.image_id,
                 image=cfg.image,
                 ttl_seconds=cfg.ttl_seconds,
                 env_vars=env,
             )
+        except ProvisioningError:
+            raise
         except ModboxError as exc:
             raise ProvisioningError(f"could not create a Modbox sandbox: {exc}") from exc
+        self._create_key = new_key()  # the next sandbox is another create
         try:
-            deadline = t0 + cfg.startup_timeout
 
             def left() -> float:
                 remaining = deadline - time.monotonic()

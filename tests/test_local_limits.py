@@ -15,6 +15,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +30,16 @@ from modbox_kernel.local.envelope import ServiceError
 CHECK_TIMEOUT_S = 120
 
 
-def _create(service: LocalService) -> httpx.Response:
+def _create(service: LocalService, key: str | None = None) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
     with service.client() as control:
-        return control.post("/sandboxes", json={})
+        return control.post("/sandboxes", json={}, headers=headers)
+
+
+def _place(response: httpx.Response) -> tuple[int, int]:
+    assert response.status_code == 429, response.text
+    (detail,) = response.json()["error"]["details"]
+    return detail["queue_position"], detail["queue_length"]
 
 
 # ---------------------------------------------------------------------- admission
@@ -66,6 +74,66 @@ def test_memory_budget_caps_admission(tmp_path: Path) -> None:
         error = third.json()["error"]
         assert error["message"].startswith("The host is at capacity: 2 sandboxes running")
         assert "256 MiB" in error["hint"] and "600 MiB" in error["hint"]
+
+
+def test_at_default_settings_forty_sandboxes_fit_this_host(tmp_path: Path) -> None:
+    # Admission counts each sandbox at its memory request (512 MiB), not its 2 GiB
+    # limit, against the host's RAM less a reserve: a class of 40 fits a 24 GiB host.
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    if total < 23 * 2**30:
+        pytest.skip(f"this host has {total / 2**30:.1f} GiB; the figure is for 24 GiB hosts")
+    with running_local_service(tmp_path / "service.log") as service:
+        created = [_create(service) for _ in range(40)]
+        assert [r.status_code for r in created] == [200] * 40, created[-1].text
+        with service.client() as control:
+            info = control.get("/sandboxes/" + created[0].json()["sandbox_id"]).json()
+            assert info["status"] in ("provisioning", "running")
+            for response in created:
+                control.delete(f"/sandboxes/{response.json()['sandbox_id']}")
+
+
+def test_a_full_host_serves_waiting_creates_first_come_first_served(tmp_path: Path) -> None:
+    with running_local_service(tmp_path / "service.log", "--max-sandboxes", "2") as service:
+        first, second = _create(service, "a"), _create(service, "b")
+        assert first.status_code == second.status_code == 200
+        third = _create(service, "c")
+        assert _place(third) == (1, 1)
+        error = third.json()["error"]
+        assert error["message"] == (
+            "The host is at capacity: 2 sandboxes running; you are number 1 of 1 in line."
+        )
+        assert error["hint"].startswith("At most 2 sandboxes may run at once.")
+        assert third.headers["retry-after"] == "1"  # a place is kept by asking again soon
+        assert _place(_create(service, "d")) == (2, 2)
+        assert _place(_create(service, "c")) == (1, 2)  # asking again keeps the place
+        assert _create(service).status_code == 429  # no key, no place: others wait
+        with service.client() as control:
+            control.delete(f"/sandboxes/{first.json()['sandbox_id']}")
+        # Room for one: the newer create must not overtake the older one.
+        overtaking = _create(service, "d")
+        assert _place(overtaking) == (2, 2)
+        assert overtaking.json()["error"]["message"] == (
+            "Earlier requests wait for a sandbox; you are number 2 of 2 in line."
+        )
+        assert "1 earlier request waits" in overtaking.json()["error"]["hint"]
+        assert _create(service, "c").status_code == 200
+        assert _place(_create(service, "d")) == (1, 1)
+
+
+def test_a_place_in_line_lapses_when_its_holder_stops_asking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from modbox_kernel.local import waitline
+
+    now = [100.0]
+    monkeypatch.setattr(waitline, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    line = waitline.WaitLine()
+    assert (line.join("gone"), line.join("stays")) == (1, 2)
+    now[0] += waitline.PATIENCE_S / 2
+    assert line.ahead_of("stays") == 1  # asking again refreshes "stays" only
+    now[0] += waitline.PATIENCE_S / 2 + 1
+    assert line.ahead_of("stays") == 0 and len(line) == 1
 
 
 # ------------------------------------------------------------------------ --check

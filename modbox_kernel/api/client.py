@@ -118,12 +118,15 @@ class ModboxClient(KeepAliveClient):
         ttl_seconds: int | None = None,
         env_vars: dict[str, str] | None = None,
         idempotency_key: str | None = None,
+        wait_at_capacity: bool = True,
     ) -> SandboxInfo:
         """``POST /sandboxes``; returns at once with status ``provisioning``.
 
         Unset fields are omitted (the API's convention). The same ``Idempotency-Key``
         goes with every retry, so a create whose answer was lost is not repeated
         server-side. Keep the returned record: its ``access_token`` is never sent again.
+        ``wait_at_capacity=False``: a 429 raises :class:`RateLimitedError` at once, for
+        a caller that waits in line itself (the session, which shows the wait).
         """
         body: dict[str, Any] = {}
         for key, value in (
@@ -139,8 +142,16 @@ class ModboxClient(KeepAliveClient):
         headers["Idempotency-Key"] = idempotency_key or str(uuid.uuid4())
         what = "create sandbox"
         response = await self._requester.request(
-            "POST", "/sandboxes", what=what, mode=RetryMode.SAFE, json=body, headers=headers
+            "POST",
+            "/sandboxes",
+            what=what,
+            mode=RetryMode.SAFE,
+            json=body,
+            headers=headers,
+            accept_status=() if wait_at_capacity else (429,),
         )
+        if response.status_code == 429:
+            raise self._requester.api_error(response, what)
         data = parse_json_object(response, what, hint=_NOT_MODBOX_HINT)
         if data.get("success") is False:
             reason = data.get("error") or "no reason given"

@@ -243,6 +243,10 @@ class Requester:
         await asyncio.sleep(delay)
         return True
 
+    def api_error(self, response: httpx.Response, what: str) -> ApiError:
+        """The error for an answer a caller accepted (``accept_status``) but cannot use."""
+        return self._api_error(response, what, 1)
+
     def _api_error(self, response: httpx.Response, what: str, attempts: int) -> ApiError:
         err = api_error_from_response(
             response.status_code, response.content, response.headers, what=what
@@ -267,6 +271,7 @@ class Requester:
             retryable=err.retryable,
             details=err.details,
             retry_after=err.retry_after,
+            service_message=self._scrub(err.service_message) if err.service_message else None,
         )
 
     def _transport_error(

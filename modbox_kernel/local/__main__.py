@@ -116,6 +116,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-mib", type=int, default=2048, help="memory limit (MiB, cgroup; default 2048)"
     )
     limits.add_argument(
+        "--memory-request-mib",
+        type=int,
+        default=512,
+        help="what admission counts each sandbox at (MiB; default 512, at most the limit): "
+        "a sandbox may use up to its limit, the host admits requests up to its budget",
+    )
+    limits.add_argument(
         "--cpus",
         type=float,
         default=0.0,
@@ -147,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-memory-mib",
         type=int,
         default=None,
-        help="sum of live sandboxes' memory limits at most (default: twice the host's RAM)",
+        help="sum of live sandboxes' memory requests at most (default: the host's RAM "
+        "less 2 GiB for the service, Jupyter and the kernels)",
     )
     parser.add_argument(
         "--min-ttl",
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         exec_timeout_default=args.exec_timeout,
         output_cap=args.output_cap_mib * MIB,
         memory=args.memory_mib * MIB,
+        memory_request=max(1, args.memory_request_mib) * MIB,
         cpus=max(0.0, args.cpus),
         cpu_time=max(0, args.cpu_seconds),
         nproc=args.pids,
@@ -324,15 +333,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_budget() -> int:
-    """Twice the host's RAM (see ``admission``); 128 GiB if /proc/meminfo is unreadable."""
+    """The host's RAM less a 2 GiB reserve (see ``admission``), at least 1 GiB; 64 GiB if
+    /proc/meminfo is unreadable."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemTotal:"):
-                    return 2 * int(line.split()[1]) * 1024
+                    return max(GIB, int(line.split()[1]) * 1024 - 2 * GIB)
     except (OSError, ValueError, IndexError):
         pass
-    return 128 * GIB
+    return 64 * GIB
 
 
 if __name__ == "__main__":

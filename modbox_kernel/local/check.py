@@ -353,7 +353,9 @@ def _report(
         Line(
             True,
             f"admission: at most {lim.max_sandboxes} sandboxes and "
-            f"{human_bytes(lim.max_total_memory)} of memory limits at once",
+            f"{human_bytes(lim.max_total_memory)} of memory requests at once "
+            f"({human_bytes(min(lim.memory_request, lim.memory))} each, "
+            f"limit {human_bytes(lim.memory)})",
         )
     )
     importable = "importable" if facts["ipython"] else "NOT importable"

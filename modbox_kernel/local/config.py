@@ -39,6 +39,8 @@ class Limits:
     tmp_size: int = 512 * MIB  # tmpfs /tmp and /dev/shm, each (RAM, counts as memory)
     workspace_size: int = 1 * GIB  # tmpfs /workspace under bwrap (RAM, counts as memory)
     memory: int = 2 * GIB  # cgroup memory limit (where cgroups are writable)
+    # What admission counts each sandbox at (a request, as Kubernetes has; admission).
+    memory_request: int = 512 * MIB
     address_space: int = 16 * GIB  # RLIMIT_AS fallback when no memory cgroup is usable
     # Hard CPU quota in CPUs (cgroup). Off by default: each sandbox is its own cpu cgroup
     # of equal weight anyway (fair share), and a quota costs interactive latency.
@@ -48,7 +50,7 @@ class Limits:
     nofile: int = 4096  # RLIMIT_NOFILE
     fsize: int = 1 * GIB  # RLIMIT_FSIZE: largest file a sandbox process may write
     max_sandboxes: int = 64  # live sandboxes at once (admission)
-    max_total_memory: int = 64 * 2 * GIB  # sum of live sandboxes' memory limits (admission)
+    max_total_memory: int = 64 * 512 * MIB  # sum of live sandboxes' memory requests
     ttl_default: int = 3600
     ttl_min: int = 60
     ttl_max: int = 86400

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import orphans
-from .admission import admit
+from .admission import admit, host_memory_available
 from .cgroups import CgroupManager, SandboxCgroup
 from .config import Limits, ServiceConfig
 from .envelope import ServiceError
@@ -55,6 +55,7 @@ from .jail import Jail, JailSpec
 from .jailprocess import JailGone, JailProcess
 from .procscan import kill_sandbox_processes
 from .units import human_bytes
+from .waitline import WaitLine
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class Registry:
         self._idempotent: dict[str, tuple[str, dict[str, Any]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # Creates waiting for capacity, first come, first served (admission.admit).
+        self._line = WaitLine()
 
     # -- queries ---------------------------------------------------------------
 
@@ -168,11 +171,12 @@ class Registry:
 
     # -- create ----------------------------------------------------------------
 
-    def create(self, request: ProvisionInput) -> Sandbox:
+    def create(self, request: ProvisionInput, *, queue_key: str | None = None) -> Sandbox:
         """Register a sandbox and start its jail in the background.
 
         Deliberately synchronous (no await): the name check, the registration and the
         caller's idempotency bookkeeping happen atomically with respect to other requests.
+        ``queue_key`` (the create's Idempotency-Key) is its place in line at capacity.
         """
         if self._closing:
             raise ServiceError(503, "internal_error", "The service is shutting down.")
@@ -185,7 +189,13 @@ class Registry:
                 hint="Choose another task_id, or destroy the existing sandbox first.",
                 retryable=False,
             )
-        admit(self.live_count(), self.config.limits)
+        admit(
+            self.live_count(),
+            self.config.limits,
+            host_memory_available(),
+            line=self._line,
+            key=queue_key,
+        )
         self._prune()
         sandbox_id = str(uuid.uuid4())
         root = self.config.state_dir / "sandboxes" / sandbox_id

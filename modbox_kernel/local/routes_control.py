@@ -65,7 +65,7 @@ async def create_sandbox(request: Request) -> JSONResponse:
     # Another request with the same key may have finished while we read the body.
     if key is not None and (replay := state.registry.idempotent_response(key)) is not None:
         return JSONResponse(replay)
-    sandbox = state.registry.create(provision)
+    sandbox = state.registry.create(provision, queue_key=key)
     answer = shapes.provision_response(state.base_url, sandbox)
     if key is not None:
         state.registry.remember_idempotent(key, sandbox, answer)

@@ -1,0 +1,106 @@
+"""A full host: the first cell waits in line, says so, and runs when a place frees.
+
+Against a real local service capped at two live sandboxes (``--max-sandboxes 2``) and
+real kernels: two students hold the two sandboxes; a third student's first cell shows
+that it is waiting, with its place in line, then runs within seconds of one of the
+first two shutting down. With a short ``MODBOX_STARTUP_TIMEOUT`` the wait ends instead
+in one sentence naming the capacity and the setting, and the kernel lives on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kernel_helpers import (
+    KERNEL_NAME,
+    pump,
+    run_cell,
+    service_env,
+    start_kernel,
+    stop_kernel,
+    submit,
+)
+from service_helpers import LocalService, running_local_service
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def two_seat_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    log = Path(tmp_path_factory.mktemp("two-seats")) / "service.log"
+    with running_local_service(log, "--max-sandboxes", "2") as service:
+        yield service
+
+
+def _progress_texts(run: object) -> list[str]:
+    return [
+        m["content"]["data"]["text/plain"]
+        for m in run.outputs  # type: ignore[attr-defined]
+        if m["msg_type"] in ("display_data", "update_display_data")
+        and "modbox-progress" in m["content"].get("transient", {}).get("display_id", "")
+    ]
+
+
+def test_the_third_student_waits_in_line_then_runs(two_seat_service: LocalService) -> None:
+    env = service_env(two_seat_service.base_url, two_seat_service.token)
+    started = []
+    try:
+        for _ in range(2):
+            km, kc = start_kernel(KERNEL_NAME, env)
+            started.append((km, kc))
+            assert run_cell(kc, "1").status == "ok"
+        km, kc = start_kernel(KERNEL_NAME, env)
+        started.append((km, kc))
+        run = submit(kc, "print('my turn')")
+        # The first cell says it waits, and where it stands.
+        assert pump(kc, run, lambda: any("in line" in t for t in _progress_texts(run)), 30), (
+            run.describe()
+        )
+        waiting = [t for t in _progress_texts(run) if "in line" in t][-1]
+        assert waiting.startswith("Waiting for a Modbox sandbox… ")
+        assert "the host is at capacity: 2 sandboxes running" in waiting.lower()
+        assert "you are number 1 of 1 in line" in waiting
+        assert not run.reply, "the cell must wait, not fail"
+        # A place frees: the waiting cell runs within seconds.
+        freed_at = time.monotonic()
+        stop_kernel(*started.pop(0))
+        assert pump(kc, run, lambda: run.done, 60), run.describe()
+        assert run.status == "ok" and run.stdout == "my turn\n", run.describe()
+        assert run.reply_at - freed_at < 5.0, f"ran {run.reply_at - freed_at:.1f} s after"
+        # The progress line was removed; nothing of the wait stays in the saved output.
+        assert run.outputs[-1]["msg_type"] == "stream", [m["msg_type"] for m in run.outputs]
+        assert any(m["msg_type"] == "clear_output" for m in run.outputs)
+    finally:
+        for km, kc in started:
+            stop_kernel(km, kc)
+
+
+def test_a_wait_past_the_startup_timeout_is_one_sentence(two_seat_service: LocalService) -> None:
+    env = service_env(two_seat_service.base_url, two_seat_service.token)
+    started = []
+    try:
+        for _ in range(2):
+            km, kc = start_kernel(KERNEL_NAME, env)
+            started.append((km, kc))
+            assert run_cell(kc, "1").status == "ok"
+        km, kc = start_kernel(KERNEL_NAME, {**env, "MODBOX_STARTUP_TIMEOUT": "3"})
+        started.append((km, kc))
+        first = run_cell(kc, "print('never')", timeout=30)
+        assert first.status == "error", first.describe()
+        content = first.reply["content"]
+        assert content["ename"] == "SandboxUnavailable"
+        sentence = content["evalue"]
+        assert "no Modbox sandbox became free within 3 s" in sentence, sentence
+        assert (
+            "the host is at capacity" in sentence.lower() and "MODBOX_STARTUP_TIMEOUT" in sentence
+        )
+        # Alive: it answers, and once a place is free its next cell runs.
+        stop_kernel(*started.pop(0))
+        again = run_cell(kc, "print('now')", timeout=60)
+        assert again.status == "ok" and again.stdout == "now\n", again.describe()
+    finally:
+        for km, kc in started:
+            stop_kernel(km, kc)
