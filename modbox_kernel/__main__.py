@@ -1,4 +1,5 @@
-"""``python -m modbox_kernel``: launch the kernel, or ``install`` its kernelspec."""
+"""``python -m modbox_kernel``: launch the kernel, ``install`` its kernelspec, or
+``cleanup`` the sandboxes of this user's dead kernels."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ def main() -> None:
         from .kernelspec import main as install_main
 
         raise SystemExit(install_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "cleanup":
+        from .cleanup import main as cleanup_main
+
+        raise SystemExit(cleanup_main(sys.argv[2:]))
     from .kernelapp import main as kernel_main
 
     kernel_main()

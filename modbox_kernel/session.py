@@ -45,6 +45,8 @@ from .errors import (
     ServiceUnreachableError,
 )
 from .foldercopy import copy_folder
+from .keeper import SandboxKeeper, sweep
+from .notices import Notices
 from .protocol import CellRequest
 from .queueing import create_in_line, new_key
 from .workdir import Packed, pack_folder
@@ -93,6 +95,7 @@ class _Sandbox:
     channel: AgentChannel
     agent_file: str
     agent_info: dict[str, Any]
+    keeper: SandboxKeeper
     created: float = field(default_factory=time.monotonic)
 
     @property
@@ -114,17 +117,15 @@ class SandboxSession:
         self._sandbox: _Sandbox | None = None
         self._provisioning: asyncio.Task[_Sandbox] | None = None
         self._closed = False
-        # Set when a sandbox was lost, so the next cell can say that state is gone.
-        self._lost_notice: str | None = None
-        # Set when the notebook's folder was not copied into a new sandbox, and why.
-        self._copy_notice: str | None = None
+        # What the next cell says first: a lost sandbox, a folder not copied, the TTL.
+        self.notices = Notices(config.ttl_seconds)
         self.running_cell: str | None = None
         # While the create waits for capacity: why, for the waiting cell's progress line.
         self.waiting: str | None = None
         # The next create's Idempotency-Key: its place in line at capacity (queueing.py).
         self._create_key = new_key()
-        self._ttl_warned: str | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._swept = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,6 +138,11 @@ class SandboxSession:
         ttl = self.config.ttl_seconds
         margin = min(TTL_REPLACE_MARGIN, 0.1 * ttl)
         return time.monotonic() - sandbox.created >= ttl - margin
+
+    def _background(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # keep a reference until done (asyncio holds weak ones)
+        task.add_done_callback(self._tasks.discard)
 
     def _set_waiting(self, reason: str | None) -> None:
         self.waiting = reason
@@ -195,6 +201,12 @@ class SandboxSession:
                 client = await self._backend.client()
             except ModboxError as exc:
                 raise ProvisioningError(f"could not start a Modbox sandbox: {exc}") from exc
+            if not self._backend.local and not self._swept:
+                # Sandboxes of this user's kernels that died on this service: destroy
+                # them while ours is made (the embedded service has none: they die
+                # with it).
+                self._swept = True
+                self._background(sweep(client))
             return await self._provision_sandbox(t0, client, packing)
         finally:
             if packing is not None:
@@ -227,6 +239,14 @@ class SandboxSession:
         except ModboxError as exc:
             raise ProvisioningError(f"could not create a Modbox sandbox: {exc}") from exc
         self._create_key = new_key()  # the next sandbox is another create
+        # From here until it is destroyed, the sandbox is leased and recorded.
+        keeper = SandboxKeeper(
+            client,
+            info.id,
+            lease_seconds=_number(info.raw.get("lease_seconds")),
+            record=not self._backend.local,
+        )
+        keeper.start()
         try:
 
             def left() -> float:
@@ -269,6 +289,7 @@ class SandboxSession:
             # Never leave a half-made sandbox behind, whatever went wrong.
             with contextlib.suppress(Exception):
                 await asyncio.shield(client.destroy_sandbox(info.id))
+            keeper.release()
             if isinstance(exc, (ModboxTimeoutError, asyncio.TimeoutError)):
                 raise ProvisioningError(
                     f"the Modbox sandbox was not ready within {cfg.startup_timeout:.0f} s",
@@ -285,10 +306,11 @@ class SandboxSession:
             ),
             agent_file=agent_file,
             agent_info=agent_info,
+            keeper=keeper,
             created=t0,  # no later than the service's own clock for its TTL
         )
         self._sandbox = sandbox
-        self._copy_notice = copy_notice
+        self.notices.copy = copy_notice
         log.info(
             "sandbox %s ready in %.2f s (python %s, ipython %s)",
             info.id,
@@ -315,7 +337,7 @@ class SandboxSession:
         except ModboxError as exc:
             log.warning("agent restart failed (%s); the next cell gets a new sandbox", exc)
             self._forget(sandbox, "the sandbox stopped answering after an interrupt")
-            self._lost_notice = None  # the cell's own error already says state was lost
+            self.notices.lost = None  # the cell's own error already says state was lost
 
     def take_notices(self) -> list[str]:
         """What the next cell must tell the user before its own output, once each.
@@ -324,37 +346,10 @@ class SandboxSession:
         notebook's folder was not copied into it, or the last sandbox was lost (so this
         cell runs in a fresh one). Each is a line for the cell's stderr.
         """
-        notices = []
-        warning = self._expiry_warning()
-        if warning:
-            notices.append(warning)
-        if self._copy_notice:
-            notices.append(f"Modbox: {self._copy_notice}.")
-            self._copy_notice = None
-        if self._lost_notice:
-            notices.append(
-                f"Modbox: {self._lost_notice}; this cell runs in a fresh sandbox, "
-                "so earlier variables and files are gone."
-            )
-            self._lost_notice = None
-        return notices
-
-    def _expiry_warning(self) -> str | None:
-        """A one-time sentence when the sandbox's TTL is about to run out, else None."""
         sandbox = self._sandbox
-        if sandbox is None or self._ttl_warned == sandbox.info.id:
-            return None
-        ttl = self.config.ttl_seconds
-        left = ttl - (time.monotonic() - sandbox.created)
-        if left > max(60.0, 0.1 * ttl):
-            return None
-        self._ttl_warned = sandbox.info.id
-        when = f"{max(0, int(left))} s" if left < 120 else f"{int(left // 60)} min"
-        return (
-            f"Modbox: this sandbox reaches its time limit (TTL {ttl} s) in about {when}; "
-            "after that the next cell starts in a fresh sandbox without the current variables "
-            "and files. Raise MODBOX_TTL_SECONDS for longer sessions."
-        )
+        if sandbox is None:
+            return self.notices.take(None, 0.0)
+        return self.notices.take(sandbox.info.id, sandbox.created)
 
     async def close(self) -> None:
         """Destroy the sandbox and stop the embedded service (called on shutdown)."""
@@ -368,6 +363,7 @@ class SandboxSession:
         if sandbox is not None and client is not None:
             with contextlib.suppress(Exception):
                 await client.destroy_sandbox(sandbox.info.id)
+            sandbox.keeper.release()
             with contextlib.suppress(Exception):
                 await sandbox.runtime.aclose()
         await self._backend.close()
@@ -377,6 +373,8 @@ class SandboxSession:
         self._closed = True
         sandbox, self._sandbox = self._sandbox, None
         self._backend.close_blocking(sandbox.info.id if sandbox is not None else None)
+        if sandbox is not None:
+            sandbox.keeper.forget_record()
 
     # ------------------------------------------------------------------ the agent
 
@@ -450,13 +448,11 @@ class SandboxSession:
         if self._sandbox is sandbox:
             self._sandbox = None
             self._provisioning = None
-            self._lost_notice = cause
+            self.notices.lost = cause
             client = self._backend.current_client
             if client is not None:
                 # The old sandbox may still run (only its agent died): destroy it.
-                task = asyncio.ensure_future(_quietly(client.destroy_sandbox(sandbox.info.id)))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._background(_destroyed(client, sandbox))
 
     async def interrupt(self, cell_id: str | None = None) -> bool:
         """Ask the agent to raise KeyboardInterrupt in the running cell."""
@@ -486,6 +482,13 @@ class SandboxSession:
         return reply if isinstance(reply, dict) else {}
 
 
-async def _quietly(coro: Awaitable[Any]) -> None:
+async def _destroyed(client: ModboxClient, sandbox: _Sandbox) -> None:
+    """Destroy a forgotten sandbox in the background (it may still run: only its agent
+    died), then stop keeping it."""
     with contextlib.suppress(Exception):
-        await coro
+        await client.destroy_sandbox(sandbox.info.id)
+    sandbox.keeper.release()
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

@@ -25,6 +25,7 @@ import base64
 import os
 import queue
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -50,6 +51,7 @@ STARTUP_TIMEOUT = 120
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 _MODBOX_VARS = ("MODBOX_API_URL", "MODBOX_API_TOKEN", "MODBOX_BACKEND")
+TEST_STATE_HOME = tempfile.mkdtemp(prefix="modbox-test-state-")
 
 
 def is_modbox(kernel_name: str = KERNEL_NAME) -> bool:
@@ -76,7 +78,11 @@ def embedded_env() -> dict[str, str]:
     for users.
     """
     dropped = (*_MODBOX_VARS, "PYTEST_CURRENT_TEST")
-    return {k: v for k, v in os.environ.items() if k not in dropped}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    # Kernels record the sandboxes they make on shared services (modbox_kernel/records.py)
+    # in the user's state directory: the tests' kernels use one of this test run's own.
+    env["XDG_STATE_HOME"] = TEST_STATE_HOME
+    return env
 
 
 def service_env(base_url: str, token: str) -> dict[str, str]:

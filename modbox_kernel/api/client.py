@@ -220,6 +220,25 @@ class ModboxClient(KeepAliveClient):
             )
         return True
 
+    async def renew_lease(self, sandbox_id: str) -> float:
+        """``POST /sandboxes/{id}/lease``: an extension of the local service, not the
+        Modbox API; call it only when the create answer advertised ``lease_seconds``.
+
+        The first call opts the sandbox in: the service then destroys it when the
+        renewals stop (the kernel died without a shutdown). Returns the lease's length.
+        """
+        what = f"renew the lease of sandbox {sandbox_id}"
+        response = await self._requester.request(
+            "POST",
+            sandbox_path(sandbox_id, "/lease"),
+            what=what,
+            mode=RetryMode.SAFE,
+            headers=self._headers(),
+        )
+        data = parse_json_object(response, what)
+        seconds = data.get("lease_seconds")
+        return float(seconds) if isinstance(seconds, (int, float)) else 0.0
+
     async def health(self) -> bool:
         """``GET /health`` (no auth): True on any 2xx, False on anything else.
 

@@ -158,6 +158,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "less 2 GiB for the service, Jupyter and the kernels)",
     )
     parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="destroy a sandbox whose kernel stopped renewing its lease for this long "
+        "(an extension kernels opt into; 0 turns leases off; default 30)",
+    )
+    parser.add_argument(
         "--min-ttl",
         type=int,
         default=60,
@@ -265,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_memory_mib * MIB if args.max_memory_mib is not None else _default_budget()
         ),
         ttl_min=max(1, args.min_ttl),
+        lease_seconds=max(0.0, args.lease_seconds),
     )
     temporary = args.state_dir is None or args.check
     if temporary:

@@ -54,6 +54,9 @@ class Limits:
     ttl_default: int = 3600
     ttl_min: int = 60
     ttl_max: int = 86400
+    # A sandbox whose lease is renewed (an extension the kernel opts into) is destroyed
+    # once renewals stop for this long: its kernel died without shutting down. 0 = off.
+    lease_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -41,21 +41,39 @@ import secrets
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 from . import orphans
 from .admission import admit, host_memory_available
-from .cgroups import CgroupManager, SandboxCgroup
+from .cgroups import CgroupManager
 from .config import Limits, ServiceConfig
 from .envelope import ServiceError
 from .jail import Jail, JailSpec
 from .jailprocess import JailGone, JailProcess
 from .procscan import kill_sandbox_processes
+from .records import (
+    DESTROYED,
+    PROVISIONING,
+    RUNNING,
+    STATUSES,
+    ProvisionInput,
+    Sandbox,
+    utcnow,
+)
 from .units import human_bytes
 from .waitline import WaitLine
+
+__all__ = [
+    "DESTROYED",
+    "PROVISIONING",
+    "RUNNING",
+    "STATUSES",
+    "ProvisionInput",
+    "Registry",
+    "Sandbox",
+    "gone",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,58 +85,6 @@ KEEP_DESTROYED = 1000
 EXEC_BACKSTOP_S = 30.0
 # How often the reaper looks for expired TTLs and OOM kills nobody has noticed yet.
 REAPER_INTERVAL_S = 0.5
-
-PROVISIONING, RUNNING, DESTROYED = "provisioning", "running", "destroyed"
-STATUSES = (PROVISIONING, RUNNING, DESTROYED)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-@dataclass
-class ProvisionInput:
-    """A validated create request (routes do the validation)."""
-
-    name: str | None
-    client_reference: str | None
-    image: str
-    env_vars: dict[str, str]
-    ttl_seconds: int
-
-
-@dataclass(eq=False)
-class Sandbox:
-    """One sandbox record. ``access_token`` is only ever sent in the create response."""
-
-    id: str
-    name: str
-    image: str
-    client_reference: str | None
-    created_at: datetime
-    expires_at: datetime
-    access_token: str
-    api_key: str | None  # env_vars["SANDBOX_API_KEY"], the docs' older runtime credential
-    root: Path  # host dir holding the workspace
-    workspace: Path  # host path of the workspace
-    workspace_path: str  # the workspace as commands inside see it
-    env_vars: dict[str, str]
-    status: str = PROVISIONING
-    updated_at: datetime = field(default_factory=utcnow)
-    destroyed_at: datetime | None = None
-    error: str | None = None
-    jail: JailProcess | None = None
-    cgroup: SandboxCgroup | None = None
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # left provisioning
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    start_task: asyncio.Task[None] | None = None
-    torn_down: bool = False
-
-    def set_status(self, status: str) -> None:
-        self.status = status
-        self.updated_at = utcnow()
-        if status != PROVISIONING:
-            self.settled.set()
 
 
 class Registry:
@@ -388,6 +354,20 @@ class Registry:
 
     # -- destroy ---------------------------------------------------------------
 
+    def renew_lease(self, sandbox: Sandbox) -> float:
+        """Keep ``sandbox`` for another lease period; returns its length in seconds.
+
+        The first renewal opts the sandbox in: from then on, the reaper destroys it
+        when renewals stop (its kernel was killed, or died with its parent).
+        """
+        seconds = self.config.limits.lease_seconds
+        if sandbox.status == DESTROYED:
+            raise gone(sandbox)
+        if seconds > 0:
+            sandbox.lease_seconds = seconds
+            sandbox.lease_until = time.monotonic() + seconds
+        return seconds
+
     async def destroy(self, sandbox: Sandbox) -> None:
         """Kill every process of the sandbox, remove its cgroup and workspace. Idempotent."""
         async with sandbox.lock:
@@ -432,6 +412,10 @@ class Registry:
                     sandbox.error = "ttl expired"
                     log.info("sandbox %s reached its TTL", sandbox.id)
                     self._spawn(self.destroy(sandbox), f"reap-{sandbox.id}")
+                elif sandbox.status != DESTROYED and sandbox.lease_lapsed():
+                    sandbox.error = "lease lapsed: its kernel stopped renewing it"
+                    log.info("sandbox %s: its lease lapsed (its kernel is gone)", sandbox.id)
+                    self._spawn(self.destroy(sandbox), f"lapse-{sandbox.id}")
 
     def _unreaped_pids(self) -> set[int]:
         """Pids of our jail children whose exit status asyncio still has to collect."""

@@ -67,6 +67,9 @@ async def create_sandbox(request: Request) -> JSONResponse:
         return JSONResponse(replay)
     sandbox = state.registry.create(provision, queue_key=key)
     answer = shapes.provision_response(state.base_url, sandbox)
+    if state.config.limits.lease_seconds > 0:
+        # Advertises the lease extension (additive: clients that ignore it keep the TTL).
+        answer["lease_seconds"] = state.config.limits.lease_seconds
     if key is not None:
         state.registry.remember_idempotent(key, sandbox, answer)
     return JSONResponse(answer)
@@ -151,6 +154,18 @@ async def delete_sandbox(request: Request) -> JSONResponse:
     return JSONResponse({"success": True})
 
 
+async def renew_lease(request: Request) -> JSONResponse:
+    """An extension: keep the sandbox while its holder lives (see ``Registry.renew_lease``).
+
+    The create answer advertises it as ``lease_seconds``; a client that never renews
+    gets the TTL alone, as the Modbox API documents.
+    """
+    state = _authed(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    seconds = state.registry.renew_lease(sandbox)
+    return JSONResponse({"success": True, "sandbox_id": sandbox.id, "lease_seconds": seconds})
+
+
 async def legacy_destroy(request: Request) -> JSONResponse:
     state = _authed(request)
     body = await read_json_object(request, state.config.limits.json_body_max)
@@ -189,4 +204,5 @@ routes = [
     Route("/sandboxes/{sandbox_id}", delete_sandbox, methods=["DELETE"]),
     Route("/sandboxes/{sandbox_id}/status", sandbox_status, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}/wait", wait_sandbox, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/lease", renew_lease, methods=["POST"]),
 ]

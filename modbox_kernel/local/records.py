@@ -1,0 +1,79 @@
+"""What the service records of one sandbox, and of a create request.
+
+Who uses it: ``registry.Registry`` keeps one :class:`Sandbox` per sandbox it made (it
+re-exports these names, which routes and shapes import from there); ``routes_control``
+builds a :class:`ProvisionInput` from a validated create body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .cgroups import SandboxCgroup
+from .jailprocess import JailProcess
+
+PROVISIONING, RUNNING, DESTROYED = "provisioning", "running", "destroyed"
+STATUSES = (PROVISIONING, RUNNING, DESTROYED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class ProvisionInput:
+    """A validated create request (routes do the validation)."""
+
+    name: str | None
+    client_reference: str | None
+    image: str
+    env_vars: dict[str, str]
+    ttl_seconds: int
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """One sandbox record. ``access_token`` is only ever sent in the create response."""
+
+    id: str
+    name: str
+    image: str
+    client_reference: str | None
+    created_at: datetime
+    expires_at: datetime
+    access_token: str
+    api_key: str | None  # env_vars["SANDBOX_API_KEY"], the docs' older runtime credential
+    root: Path  # host dir holding the workspace
+    workspace: Path  # host path of the workspace
+    workspace_path: str  # the workspace as commands inside see it
+    env_vars: dict[str, str]
+    status: str = PROVISIONING
+    updated_at: datetime = field(default_factory=utcnow)
+    destroyed_at: datetime | None = None
+    error: str | None = None
+    jail: JailProcess | None = None
+    cgroup: SandboxCgroup | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # left provisioning
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    start_task: asyncio.Task[None] | None = None
+    torn_down: bool = False
+    # A lease (an extension): once its holder renews it, the sandbox lives only while
+    # renewals keep coming (``Registry.renew_lease``); 0 = no lease, the TTL alone.
+    lease_seconds: float = 0.0
+    lease_until: float = 0.0  # time.monotonic() the lease lapses at
+
+    def lease_lapsed(self, now: float | None = None) -> bool:
+        """Whether this sandbox's holder stopped renewing its lease."""
+        if not self.lease_seconds:
+            return False
+        return (time.monotonic() if now is None else now) > self.lease_until
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.updated_at = utcnow()
+        if status != PROVISIONING:
+            self.settled.set()
