@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 #: A record older than the longest TTL Modbox allows (a day) names a sandbox that is
 #: gone in any case: it is dropped rather than kept forever.
 FORGET_AFTER_S = 25 * 3600
