@@ -183,7 +183,7 @@ async def test_unexpected_exception_is_a_500_envelope_without_trace(tmp_path: Pa
     from modbox_kernel.local.state import ServiceState
 
     class BrokenRegistry(Registry):
-        def list(self, status: str | None = None) -> list:
+        def list(self, status: str | None = None, owner: str | None = None) -> list:
             raise RuntimeError("secret internal detail")
 
     config = ServiceConfig("127.0.0.1", 0, "tok", tmp_path, "none", False, False)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import uvicorn
 
+from . import owners
 from .app import build_app
 from .cgroups import detect as detect_cgroups
 from .check import run_check
@@ -107,6 +108,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print which isolation features and limits are in force here, then exit",
     )
+    parser.add_argument(
+        "--owner-token",
+        metavar="OWNER",
+        default=None,
+        help="print the credential of OWNER (e.g. a hub user name) for the service whose "
+        "token is --token / $MODBOX_LOCAL_TOKEN, then exit: that credential sees and "
+        "holds only OWNER's sandboxes",
+    )
     limits = parser.add_argument_group("limits per sandbox")
     limits.add_argument("--exec-timeout", type=float, default=300.0, help="default exec limit (s)")
     limits.add_argument(
@@ -150,6 +159,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     host = parser.add_argument_group("admission (per service)")
     host.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes at most")
+    host.add_argument(
+        "--max-sandboxes-per-owner",
+        type=int,
+        default=4,
+        help="live sandboxes one owner credential may hold (default 4; 0: no cap); "
+        "the service token itself has no such cap",
+    )
     host.add_argument(
         "--max-memory-mib",
         type=int,
@@ -250,6 +266,8 @@ async def _serve(
 def main(argv: list[str] | None = None) -> int:
     parent = os.getppid()
     args = parse_args(argv)
+    if args.owner_token is not None:
+        return _print_owner_token(args)
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
@@ -268,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp_size=args.tmp_mib * MIB,
         workspace_size=args.workspace_mib * MIB,
         max_sandboxes=args.max_sandboxes,
+        max_sandboxes_per_owner=max(0, args.max_sandboxes_per_owner),
         max_total_memory=(
             args.max_memory_mib * MIB if args.max_memory_mib is not None else _default_budget()
         ),
@@ -338,6 +357,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary:
             shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _print_owner_token(args: argparse.Namespace) -> int:
+    secret = args.token or os.environ.get("MODBOX_LOCAL_TOKEN")
+    if not secret:
+        print(
+            "--owner-token needs the service's token: pass --token or set MODBOX_LOCAL_TOKEN",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        print(owners.owner_token(secret, args.owner_token))
+    except ValueError as exc:
+        print(f"--owner-token: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _default_budget() -> int:

@@ -60,6 +60,24 @@ def admit(
     raise at_capacity(live, why, place=place, waiting=len(line), full=full)
 
 
+def admit_owner(owner: str, live: int, limits: Limits) -> None:
+    """Raise a 429 when ``owner`` already has as many live sandboxes as one may.
+
+    Not a place in line: waiting would not free one of the owner's own sandboxes.
+    """
+    cap = limits.max_sandboxes_per_owner
+    if cap and live >= cap:
+        raise ServiceError(
+            429,
+            "rate_limited",
+            f"{owner} already has {live} {_noun(live)} running, the most one user may "
+            f"have at once ({cap}).",
+            hint="Shut down a kernel you no longer use (each notebook's kernel has its own "
+            "sandbox); the service's operator sets the cap with --max-sandboxes-per-owner.",
+            retryable=False,
+        )
+
+
 def capacity_reason(live: int, limits: Limits, available: int | None) -> str | None:
     """Why one more sandbox cannot be admitted now, or None."""
     if live >= limits.max_sandboxes:

@@ -1,7 +1,8 @@
 """Bearer-token checks for the control plane and the per-sandbox runtime API.
 
-Who calls it: every authenticated route, first thing. Control-plane routes accept only
-the service token; a sandbox's runtime routes accept that sandbox's ``access_token`` or
+Who calls it: every authenticated route, first thing. Control-plane routes accept the
+service token (the admin) or an owner credential derived from it (``owners``); a
+sandbox's runtime routes accept that sandbox's ``access_token`` or
 the ``SANDBOX_API_KEY`` its creator put in ``env_vars`` (the two documented runtime
 credentials, ``docs/modbox-api.md``, "Runtime auth"), and nothing of any other sandbox.
 Comparison is constant-time so response timing leaks no prefix of a token.
@@ -13,6 +14,7 @@ import hmac
 
 from starlette.requests import Request
 
+from . import owners
 from .envelope import ServiceError
 
 
@@ -28,6 +30,18 @@ def token_matches(given: str | None, expected: str | None) -> bool:
     if not given or not expected:
         return False
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def require_principal(request: Request, secret: str) -> str | None:
+    """The control plane's caller: None for the admin (the service token), else the
+    owner an owner credential names (``owners``). Anything else is a 401."""
+    given = bearer_token(request)
+    if given is not None and not token_matches(given, secret):
+        owner = owners.owner_of(secret, given)
+        if owner is not None:
+            return owner
+    require_token(request, secret)
+    return None
 
 
 def require_token(request: Request, *accepted: str | None) -> None:

@@ -50,6 +50,8 @@ class Limits:
     nofile: int = 4096  # RLIMIT_NOFILE
     fsize: int = 1 * GIB  # RLIMIT_FSIZE: largest file a sandbox process may write
     max_sandboxes: int = 64  # live sandboxes at once (admission)
+    # Live sandboxes one owner credential may hold (``owners``); 0 = no cap.
+    max_sandboxes_per_owner: int = 4
     max_total_memory: int = 64 * 512 * MIB  # sum of live sandboxes' memory requests
     ttl_default: int = 3600
     ttl_min: int = 60

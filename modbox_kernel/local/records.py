@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .cgroups import SandboxCgroup
+from .envelope import ServiceError
 from .jailprocess import JailProcess
 
 PROVISIONING, RUNNING, DESTROYED = "provisioning", "running", "destroyed"
@@ -51,6 +52,7 @@ class Sandbox:
     workspace: Path  # host path of the workspace
     workspace_path: str  # the workspace as commands inside see it
     env_vars: dict[str, str]
+    owner: str | None = None  # who created it (``owners``); None: the admin
     status: str = PROVISIONING
     updated_at: datetime = field(default_factory=utcnow)
     destroyed_at: datetime | None = None
@@ -77,3 +79,20 @@ class Sandbox:
         self.updated_at = utcnow()
         if status != PROVISIONING:
             self.settled.set()
+
+
+def not_found(sandbox_id: str) -> ServiceError:
+    return ServiceError(
+        404, "sandbox_not_found", f"Sandbox {sandbox_id!r} does not exist.", retryable=False
+    )
+
+
+def gone(sandbox: Sandbox) -> ServiceError:
+    why = f": {sandbox.error}" if sandbox.error else ""
+    return ServiceError(
+        404,
+        "sandbox_not_found",
+        f"Sandbox {sandbox.id} was destroyed{why}.",
+        hint="Create a new sandbox.",
+        retryable=False,
+    )

@@ -45,7 +45,7 @@ from datetime import timedelta
 from typing import Any
 
 from . import orphans
-from .admission import admit, host_memory_available
+from .admission import admit, admit_owner, host_memory_available
 from .cgroups import CgroupManager
 from .config import Limits, ServiceConfig
 from .envelope import ServiceError
@@ -59,6 +59,8 @@ from .records import (
     STATUSES,
     ProvisionInput,
     Sandbox,
+    gone,
+    not_found,
     utcnow,
 )
 from .units import human_bytes
@@ -103,15 +105,22 @@ class Registry:
 
     # -- queries ---------------------------------------------------------------
 
-    def get(self, sandbox_id: str) -> Sandbox:
+    # ``owner``: the caller (``owners``); None is the admin, who sees every sandbox.
+    # Another owner's sandbox is answered as if it did not exist.
+
+    def get(self, sandbox_id: str, owner: str | None = None) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None:
+        if sandbox is None or (owner is not None and sandbox.owner != owner):
             raise not_found(sandbox_id)
         return sandbox
 
-    def find_by_name(self, name: str) -> Sandbox:
+    def find_by_name(self, name: str, owner: str | None = None) -> Sandbox:
         """The live sandbox with this task_id, else the newest destroyed one."""
-        matches = [s for s in self._sandboxes.values() if s.name == name]
+        matches = [
+            s
+            for s in self._sandboxes.values()
+            if s.name == name and (owner is None or s.owner == owner)
+        ]
         live = [s for s in matches if s.status != DESTROYED]
         if live:
             return live[-1]
@@ -121,12 +130,20 @@ class Registry:
             404, "sandbox_not_found", f"No sandbox named {name!r} exists.", retryable=False
         )
 
-    def list(self, status: str | None = None) -> list[Sandbox]:
-        items = [s for s in self._sandboxes.values() if status is None or s.status == status]
+    def list(self, status: str | None = None, owner: str | None = None) -> list[Sandbox]:
+        items = [
+            s
+            for s in self._sandboxes.values()
+            if (status is None or s.status == status) and (owner is None or s.owner == owner)
+        ]
         return list(reversed(items))  # newest first
 
-    def live_count(self) -> int:
-        return sum(1 for s in self._sandboxes.values() if s.status != DESTROYED)
+    def live_count(self, owner: str | None = None) -> int:
+        return sum(
+            1
+            for s in self._sandboxes.values()
+            if s.status != DESTROYED and (owner is None or s.owner == owner)
+        )
 
     def idempotent_response(self, key: str) -> dict[str, Any] | None:
         entry = self._idempotent.get(key)
@@ -137,7 +154,9 @@ class Registry:
 
     # -- create ----------------------------------------------------------------
 
-    def create(self, request: ProvisionInput, *, queue_key: str | None = None) -> Sandbox:
+    def create(
+        self, request: ProvisionInput, *, queue_key: str | None = None, owner: str | None = None
+    ) -> Sandbox:
         """Register a sandbox and start its jail in the background.
 
         Deliberately synchronous (no await): the name check, the registration and the
@@ -147,7 +166,10 @@ class Registry:
         if self._closing:
             raise ServiceError(503, "internal_error", "The service is shutting down.")
         name = request.name or f"sandbox-{secrets.token_hex(4)}"
-        if any(s.name == name and s.status != DESTROYED for s in self._sandboxes.values()):
+        if any(
+            s.name == name and s.status != DESTROYED and s.owner == owner
+            for s in self._sandboxes.values()
+        ):
             raise ServiceError(
                 409,
                 "sandbox_name_conflict",
@@ -155,6 +177,8 @@ class Registry:
                 hint="Choose another task_id, or destroy the existing sandbox first.",
                 retryable=False,
             )
+        if owner is not None:
+            admit_owner(owner, self.live_count(owner), self.config.limits)
         admit(
             self.live_count(),
             self.config.limits,
@@ -186,6 +210,7 @@ class Registry:
             workspace=workspace,
             workspace_path=self.jail.workspace_path(spec),
             env_vars=request.env_vars,
+            owner=owner,
         )
         self._sandboxes[sandbox_id] = sandbox
         sandbox.start_task = self._spawn(self._start(sandbox), f"start-{sandbox_id}")
@@ -440,23 +465,6 @@ class Registry:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-
-def not_found(sandbox_id: str) -> ServiceError:
-    return ServiceError(
-        404, "sandbox_not_found", f"Sandbox {sandbox_id!r} does not exist.", retryable=False
-    )
-
-
-def gone(sandbox: Sandbox) -> ServiceError:
-    why = f": {sandbox.error}" if sandbox.error else ""
-    return ServiceError(
-        404,
-        "sandbox_not_found",
-        f"Sandbox {sandbox.id} was destroyed{why}.",
-        hint="Create a new sandbox.",
-        retryable=False,
-    )
 
 
 def oom_reason(limits: Limits) -> str:

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import shapes
-from .auth import require_token
+from .auth import require_principal
 from .bodies import opt_bool, opt_env, opt_int, opt_number, opt_str, read_json_object, req_str
 from .envelope import ServiceError, validation_error
 from .registry import STATUSES, ProvisionInput, Sandbox
@@ -27,9 +27,15 @@ WAIT_TIMEOUT_MAX = 600.0
 
 
 def _authed(request: Request) -> ServiceState:
+    """The service, once the caller proved to be the admin or an owner (``owners``)."""
+    return _caller(request)[0]
+
+
+def _caller(request: Request) -> tuple[ServiceState, str | None]:
+    """The service and who calls: None for the admin, else the owner (who sees only
+    their own sandboxes)."""
     state = service(request)
-    require_token(request, state.config.token)
-    return state
+    return state, require_principal(request, state.config.token)
 
 
 async def health(request: Request) -> JSONResponse:
@@ -45,17 +51,19 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def list_sandboxes(request: Request) -> JSONResponse:
-    state = _authed(request)
+    state, owner = _caller(request)
     status = request.query_params.get("status") or None
     if status is not None and status not in STATUSES:
         raise validation_error("query.status", f"must be one of {', '.join(STATUSES)}")
-    items = [shapes.list_item(state.base_url, s) for s in state.registry.list(status)]
+    items = [shapes.list_item(state.base_url, s) for s in state.registry.list(status, owner)]
     return JSONResponse({"sandboxes": items, "total": len(items)})
 
 
 async def create_sandbox(request: Request) -> JSONResponse:
-    state = _authed(request)
+    state, owner = _caller(request)
     key = request.headers.get("idempotency-key") or None
+    if key is not None and owner is not None:
+        key = f"{owner}\x00{key}"  # one owner's key never replays another's answer
     if key is not None:
         replay = state.registry.idempotent_response(key)
         if replay is not None:
@@ -65,7 +73,7 @@ async def create_sandbox(request: Request) -> JSONResponse:
     # Another request with the same key may have finished while we read the body.
     if key is not None and (replay := state.registry.idempotent_response(key)) is not None:
         return JSONResponse(replay)
-    sandbox = state.registry.create(provision, queue_key=key)
+    sandbox = state.registry.create(provision, queue_key=key, owner=owner)
     answer = shapes.provision_response(state.base_url, sandbox)
     if state.config.limits.lease_seconds > 0:
         # Advertises the lease extension (additive: clients that ignore it keep the TTL).
@@ -108,34 +116,34 @@ def _unknown_image(state: ServiceState, what: str) -> ServiceError:
 
 
 async def get_sandbox(request: Request) -> JSONResponse:
-    state = _authed(request)
-    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    state, owner = _caller(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"], owner)
     return JSONResponse(shapes.detail(state.base_url, sandbox))
 
 
 async def sandbox_status(request: Request) -> JSONResponse:
-    state = _authed(request)
-    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    state, owner = _caller(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"], owner)
     return JSONResponse(shapes.status_response(sandbox))
 
 
 async def legacy_status(request: Request) -> JSONResponse:
-    state = _authed(request)
-    sandbox = state.registry.find_by_name(request.path_params["task_id"])
+    state, owner = _caller(request)
+    sandbox = state.registry.find_by_name(request.path_params["task_id"], owner)
     return JSONResponse(shapes.status_response(sandbox))
 
 
 async def wait_sandbox(request: Request) -> JSONResponse:
-    state = _authed(request)
-    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    state, owner = _caller(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"], owner)
     body = await read_json_object(request, state.config.limits.json_body_max)
     return JSONResponse(await _wait(state, sandbox, body))
 
 
 async def legacy_wait(request: Request) -> JSONResponse:
-    state = _authed(request)
+    state, owner = _caller(request)
     body = await read_json_object(request, state.config.limits.json_body_max)
-    sandbox = state.registry.find_by_name(req_str(body, "task_id"))
+    sandbox = state.registry.find_by_name(req_str(body, "task_id"), owner)
     return JSONResponse(await _wait(state, sandbox, body))
 
 
@@ -148,8 +156,8 @@ async def _wait(state: ServiceState, sandbox: Sandbox, body: dict[str, Any]) -> 
 
 
 async def delete_sandbox(request: Request) -> JSONResponse:
-    state = _authed(request)
-    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    state, owner = _caller(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"], owner)
     await state.registry.destroy(sandbox)
     return JSONResponse({"success": True})
 
@@ -160,16 +168,16 @@ async def renew_lease(request: Request) -> JSONResponse:
     The create answer advertises it as ``lease_seconds``; a client that never renews
     gets the TTL alone, as the Modbox API documents.
     """
-    state = _authed(request)
-    sandbox = state.registry.get(request.path_params["sandbox_id"])
+    state, owner = _caller(request)
+    sandbox = state.registry.get(request.path_params["sandbox_id"], owner)
     seconds = state.registry.renew_lease(sandbox)
     return JSONResponse({"success": True, "sandbox_id": sandbox.id, "lease_seconds": seconds})
 
 
 async def legacy_destroy(request: Request) -> JSONResponse:
-    state = _authed(request)
+    state, owner = _caller(request)
     body = await read_json_object(request, state.config.limits.json_body_max)
-    sandbox = state.registry.find_by_name(req_str(body, "task_id"))
+    sandbox = state.registry.find_by_name(req_str(body, "task_id"), owner)
     await state.registry.destroy(sandbox)
     return JSONResponse({"success": True})
 
