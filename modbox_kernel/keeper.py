@@ -9,7 +9,7 @@ Two layers, because a kernel can die without a shutdown (SIGKILL, the OOM killer
 parent gone: ipykernel's parent poller exits without cleanup):
 
 * **A lease**, where the service advertises one (``lease_seconds`` in the create
-  answer: an extension of the local service). The keeper renews it every third of its
+  answer: an extension of the local service). The keeper renews it every fifth of its
   length; when renewals stop, the service destroys the sandbox.
 * **A record** (``records.py``) for any service but the embedded one, whose sandboxes
   die with it: the next kernel's :func:`sweep`, or ``python -m modbox_kernel cleanup``,
@@ -28,6 +28,10 @@ from .api import ModboxClient
 from .errors import ModboxError, NotFoundError
 
 log = logging.getLogger(__name__)
+
+# Renewals per lease period: a lease survives a network fault of most of its length
+# (the channel retries faults for 30 s; the default lease is 50 s, renewed every 10 s).
+RENEWALS_PER_LEASE = 5
 
 
 class SandboxKeeper:
@@ -66,7 +70,7 @@ class SandboxKeeper:
             except ModboxError as exc:
                 # A missed renewal is survivable (the lease is three periods long).
                 log.warning("could not renew the lease of sandbox %s: %s", self.sandbox_id, exc)
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(self.lease_seconds / RENEWALS_PER_LEASE)
 
     def release(self) -> None:
         """The sandbox was destroyed: stop renewing, forget the record."""

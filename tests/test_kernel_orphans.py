@@ -2,7 +2,7 @@
 
 Against real local services and real kernels. A kernel on a shared service renews its
 sandbox's lease while it lives (the service advertises leases; ``--lease-seconds 3``
-here, 30 by default): a SIGKILLed kernel, and a kernel whose parent process died
+here, 50 by default): a SIGKILLed kernel, and a kernel whose parent process died
 (ipykernel's parent poller exits without cleanup), must each leave no live sandbox
 after 60 s. Where the service has no leases (``--lease-seconds 0``, as with a service
 that does not offer them), the kernel's record of its sandboxes lets

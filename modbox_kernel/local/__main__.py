@@ -176,9 +176,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lease-seconds",
         type=float,
-        default=30.0,
+        default=50.0,
         help="destroy a sandbox whose kernel stopped renewing its lease for this long "
-        "(an extension kernels opt into; 0 turns leases off; default 30)",
+        "(an extension kernels opt into; 0 turns leases off; default 50)",
     )
     parser.add_argument(
         "--min-ttl",

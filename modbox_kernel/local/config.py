@@ -57,8 +57,11 @@ class Limits:
     ttl_min: int = 60
     ttl_max: int = 86400
     # A sandbox whose lease is renewed (an extension the kernel opts into) is destroyed
-    # once renewals stop for this long: its kernel died without shutting down. 0 = off.
-    lease_seconds: float = 30.0
+    # once renewals stop for this long: its kernel died without shutting down. Longer
+    # than the kernel's 30 s of transport retries, so a kernel that rides out a network
+    # fault keeps its sandbox; short enough that a dead kernel's is gone within a
+    # minute. 0 = off.
+    lease_seconds: float = 50.0
 
 
 @dataclass(frozen=True)
