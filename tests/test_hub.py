@@ -225,7 +225,8 @@ def test_five_students_on_a_hub_each_in_their_own_sandbox(hub: Hub, service: Loc
         cells = [
             "import pandas as pd\npd.read_csv('data.csv')",
             "import os\nprint(os.environ['MODBOX_SANDBOX_ID'])",
-            "print(sorted(p for p in os.listdir('.') if not p.startswith('.')),"
+            # (uploads/ is where the sandbox's upload API puts files, not the home's.)
+            "print(sorted(p for p in os.listdir('.') if p[0] != '.' and p != 'uploads'),"
             " os.path.exists('.ssh'))",
         ]
         ran = pool.map(lambda n: _run_cells(hub, n, cells), STUDENTS)
@@ -242,13 +243,16 @@ def test_five_students_on_a_hub_each_in_their_own_sandbox(hub: Hub, service: Loc
     for name in STUDENTS:  # each credential sees its owner's sandbox, and no one else's
         seen = _running(service, owner_token(SECRET, name))
         assert seen == {sandboxes[name]}, (name, seen)
-    # No student's server or kernel was given the service's secret.
+    # No process the hub started (proxy, servers, kernels) holds the service's secret.
     tree = psutil.Process(hub.process.pid).children(recursive=True)
+    holders = []
     for proc in tree:
         try:
-            assert SECRET not in "\0".join(f"{k}={v}" for k, v in proc.environ().items())
+            if SECRET in "\0".join(f"{k}={v}" for k, v in proc.environ().items()):
+                holders.append(" ".join(proc.cmdline())[:200])
         except psutil.Error:
             continue
+    assert holders == [], holders
     # Stopping the hub stops every server and kernel: no sandbox, no process left.
     hub.process.terminate()
     hub.process.wait(90)

@@ -23,7 +23,9 @@ from modbox_kernel.local.owners import owner_token
 
 c = get_config()  # noqa: F821 - JupyterHub provides it
 
-SECRET = os.environ["MODBOX_CLASS_SECRET"]
+# Read once, then dropped from the hub's environment: the processes the hub starts
+# (the proxy, the students' servers) must not inherit it.
+SECRET = os.environ.pop("MODBOX_CLASS_SECRET")
 SERVICE_URL = os.environ.get("MODBOX_CLASS_SERVICE_URL", "http://127.0.0.1:8765")
 HOMES = os.environ.get("MODBOX_CLASS_HOMES", "/srv/class/home")
 
