@@ -30,7 +30,7 @@ from pathlib import Path
 
 import uvicorn
 
-from . import owners
+from . import owners, usage
 from .app import build_app
 from .cgroups import detect as detect_cgroups
 from .check import run_check
@@ -265,6 +265,9 @@ async def _serve(
 
 def main(argv: list[str] | None = None) -> int:
     parent = os.getppid()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["usage"]:
+        return usage.main(given[1:])
     args = parse_args(argv)
     if args.owner_token is not None:
         return _print_owner_token(args)

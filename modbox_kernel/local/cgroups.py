@@ -45,6 +45,7 @@ class SandboxCgroup:
     memory_dir: Path | None = None
     pids_dir: Path | None = None
     v2: bool = False
+    cpu_dir: Path | None = None  # where CPU time is accounted (cpuacct on v1, cpu.stat on v2)
 
     @property
     def procs_files(self) -> tuple[Path, ...]:
@@ -64,6 +65,26 @@ class SandboxCgroup:
         # v1: memory.oom_control has "oom_kill N" (Linux >= 4.13); v2: memory.events.
         name = "memory.events" if self.v2 else "memory.oom_control"
         return _keyed_counter(self.memory_dir / name, "oom_kill")
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the sandbox's processes used so far (None: not accounted here)."""
+        if self.cpu_dir is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            if self.v2:
+                usec = _keyed_counter(self.cpu_dir / "cpu.stat", "usage_usec")
+                return usec / 1e6
+            return int((self.cpu_dir / "cpuacct.usage").read_text()) / 1e9
+        return None
+
+    def peak_memory(self) -> int | None:
+        """The most memory the sandbox held at once, in bytes (None: not known here)."""
+        if self.memory_dir is None:
+            return None
+        name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.memory_dir / name).read_text())
+        return None
 
     def pids_limit_hits(self) -> int:
         """fork()/clone() calls that failed because the sandbox hit pids.max."""
@@ -111,6 +132,9 @@ class CgroupManager:
     pids_limit: int
     cpu_base: Path | None = None  # a cpu cgroup per sandbox: equal weight (fair share)
     cpus: float = 0.0  # CPU quota in CPUs on top of that; 0 = no quota
+    # v1's cpuacct hierarchy when it is not mounted with cpu: CPU time per sandbox, for
+    # the usage report (no limit is set there).
+    cpuacct_base: Path | None = None
 
     @property
     def enforces_memory(self) -> bool:
@@ -141,7 +165,7 @@ class CgroupManager:
             return None
         name = f"{PREFIX}{os.getpid()}-{sandbox_id}"
         dirs: list[Path] = []
-        memory_dir = pids_dir = None
+        memory_dir = pids_dir = cpu_dir = None
         try:
             if self.version == "v2":
                 assert self.memory_base is not None
@@ -149,7 +173,7 @@ class CgroupManager:
                 d.mkdir()
                 dirs.append(d)
                 _write_v2_limits(d, self.memory_limit, self.pids_limit, self.cpus)
-                memory_dir = pids_dir = d
+                memory_dir = pids_dir = cpu_dir = d
             else:
                 if self.memory_base is not None:
                     memory_dir = self.memory_base / name
@@ -166,15 +190,27 @@ class CgroupManager:
                     d.mkdir()
                     dirs.append(d)
                     _write_v1_cpu(d, self.cpus)
+                    if (d / "cpuacct.usage").exists():  # cpu and cpuacct mounted together
+                        cpu_dir = d
+                if self.cpuacct_base is not None and cpu_dir is None:
+                    try:
+                        d = self.cpuacct_base / name
+                        d.mkdir()
+                        dirs.append(d)
+                        cpu_dir = d
+                    except OSError as exc:  # accounting only: never a reason to fail
+                        log.debug("no cpuacct cgroup for sandbox %s: %s", sandbox_id, exc)
         except OSError as exc:
             log.warning("could not set up the cgroup of sandbox %s: %s", sandbox_id, exc)
             SandboxCgroup(tuple(dirs)).kill_and_remove(grace=0.5)
             return None
-        return SandboxCgroup(tuple(dirs), memory_dir, pids_dir, v2=self.version == "v2")
+        return SandboxCgroup(
+            tuple(dirs), memory_dir, pids_dir, v2=self.version == "v2", cpu_dir=cpu_dir
+        )
 
     def reap_stale(self) -> None:
         """Remove sandbox cgroups left by a service that died (its pid is gone)."""
-        bases = (self.memory_base, self.pids_base, self.cpu_base)
+        bases = (self.memory_base, self.pids_base, self.cpu_base, self.cpuacct_base)
         for base in {b for b in bases if b is not None}:
             with contextlib.suppress(OSError):
                 for child in base.iterdir():
@@ -194,8 +230,11 @@ def detect(memory_limit: int, pids_limit: int, cpus: float = 0.0) -> CgroupManag
     memory_v1 = _v1_base(mounts, own, "memory")
     pids_v1 = _v1_base(mounts, own, "pids")
     cpu_v1 = _v1_base(mounts, own, "cpu")
+    cpuacct_v1 = _v1_base(mounts, own, "cpuacct")
     if memory_v1 is not None or pids_v1 is not None:
-        manager = CgroupManager("v1", memory_v1, pids_v1, memory_limit, pids_limit, cpu_v1, cpus)
+        manager = CgroupManager(
+            "v1", memory_v1, pids_v1, memory_limit, pids_limit, cpu_v1, cpus, cpuacct_v1
+        )
         if _probe(manager):
             return manager
         if cpu_v1 is not None:  # the cpu hierarchy alone may be the problem

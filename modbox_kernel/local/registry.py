@@ -64,6 +64,7 @@ from .records import (
     utcnow,
 )
 from .units import human_bytes
+from .usage import UsageBook
 from .waitline import WaitLine
 
 __all__ = [
@@ -102,6 +103,8 @@ class Registry:
         self._closing = False
         # Creates waiting for capacity, first come, first served (admission.admit).
         self._line = WaitLine()
+        # What each owner's sandboxes used (``usage``).
+        self.usage = UsageBook()
 
     # -- queries ---------------------------------------------------------------
 
@@ -300,6 +303,8 @@ class Registry:
         """Destroy a sandbox that can no longer work, recording why."""
         sandbox.error = reason
         log.warning("sandbox %s ended: %s", sandbox.id, reason)
+        if reason.startswith(oom_reason(self.config.limits)):
+            self.usage.count_event(sandbox, "oom_kills")
         # Mark it destroyed now, synchronously, so no exec slips in before the teardown.
         sandbox.destroyed_at = utcnow()
         sandbox.set_status(DESTROYED)
@@ -375,6 +380,8 @@ class Registry:
             fork_failures = sandbox.cgroup.pids_limit_hits() - fork_failures
         else:
             fork_failures = 0
+        if result.get("timedOut"):
+            self.usage.count_event(sandbox, "time_limits")
         return _with_limit_event(result, fork_failures, self.config.limits)
 
     # -- destroy ---------------------------------------------------------------
@@ -413,6 +420,7 @@ class Registry:
             log.info("sandbox %s destroyed", sandbox.id)
 
     def _teardown_files(self, sandbox: Sandbox) -> None:
+        self.usage.settle(sandbox)  # while its cgroup can still be read
         if sandbox.cgroup is not None:
             sandbox.cgroup.kill_and_remove()
         survivors = kill_sandbox_processes(sandbox.id)

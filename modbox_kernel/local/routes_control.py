@@ -9,6 +9,7 @@ service token.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from starlette.requests import Request
@@ -182,6 +183,14 @@ async def legacy_destroy(request: Request) -> JSONResponse:
     return JSONResponse({"success": True})
 
 
+async def usage_report(request: Request) -> JSONResponse:
+    """Usage per owner (``usage``): every owner for the admin, its own for an owner."""
+    state, owner = _caller(request)
+    live = [s for s in state.registry.list(owner=owner) if not s.torn_down]
+    rows = state.registry.usage.report(live, owner)
+    return JSONResponse({"owners": [asdict(row) for row in rows]})
+
+
 async def list_images(request: Request) -> JSONResponse:
     state = _authed(request)
     return JSONResponse(
@@ -198,6 +207,7 @@ async def get_image(request: Request) -> JSONResponse:
 
 routes = [
     Route("/health", health, methods=["GET"]),
+    Route("/usage", usage_report, methods=["GET"]),
     Route("/sandbox-images", list_images, methods=["GET"]),
     Route("/sandbox-images/{image_id}", get_image, methods=["GET"]),
     Route("/sandboxes", list_sandboxes, methods=["GET"]),
