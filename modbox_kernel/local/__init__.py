@@ -9,8 +9,10 @@ configured; nothing here imports ``api``, ``session`` or ``kernel``.
 Modules, in call order: ``__main__`` (CLI, startup line; ``check`` for ``--check``)
 → ``isolation`` (probe, choose the jail) and ``cgroups`` (limits) → ``app``
 (Starlette, envelope, request ids, Host check) → ``routes_control`` /
-``routes_runtime`` → ``registry`` (lifecycle, TTL, limit events; ``admission`` caps
-creates) → ``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the
+``routes_runtime`` (``owners`` says who calls) → ``registry`` (lifecycle, TTL,
+leases, limit events; ``records`` holds a sandbox's record; ``admission`` caps creates
+and ``waitline`` orders those waiting at capacity; ``usage`` books what each owner
+used) → ``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the
 jail). ``jail`` builds the argv with ``launcher`` (cgroups, privilege drop) and
 ``seccomp`` (the filter), ``files`` does symlink-proof workspace I/O, ``procscan``
 finds stray processes, ``orphans`` reaps what bwrap leaves behind, ``shapes`` holds
