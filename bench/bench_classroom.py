@@ -27,6 +27,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,9 @@ def run(kc: Any, code: str, timeout: float = 300) -> float:
 class Student:
     def __init__(self, kernel: str, env: dict[str, str]) -> None:
         self.kernel, self.env = kernel, env
+        self.home = tempfile.mkdtemp(prefix="student-")
+        with open(os.path.join(self.home, "data.csv"), "w") as f:
+            f.write("x,y\n1,2\n")
         self.km: KernelManager | None = None
         self.kc: Any = None
         self.first_result = 0.0
@@ -75,7 +79,9 @@ class Student:
         try:
             t0 = time.perf_counter()
             self.km = KernelManager(kernel_name=self.kernel)
-            self.km.start_kernel(env=self.env)
+            # A student's own small folder (a home with one data file), not the
+            # benchmark's working directory, is what gets copied into each sandbox.
+            self.km.start_kernel(env=self.env, cwd=self.home)
             self.kc = self.km.client()
             self.kc.start_channels()
             self.kc.wait_for_ready(timeout=300)

@@ -462,10 +462,12 @@ def test_interrupt_stops_a_sleeping_cell_and_keeps_the_namespace(both: AgentUnde
 def test_a_first_cell_and_the_completion_warm_up_do_not_block_each_other(
     fresh: AgentUnderTest,
 ) -> None:
-    # Once the agent has been quiet for half a second, jedi's warm-up starts importing
-    # jedi on a background thread, and it steps aside whenever a cell runs. A cell
-    # that needs what that thread might hold (the import locks of jedi's and parso's
-    # modules, logging's lock) must not hang, and completion must answer meanwhile.
+    # The first completion starts jedi's warm-up; once the agent has been quiet for
+    # half a second it imports jedi on a background thread, and it steps aside
+    # whenever a cell runs. A cell that needs what that thread might hold (the import
+    # locks of jedi's and parso's modules, logging's lock) must not hang, and
+    # completion must answer meanwhile.
+    fresh.request({"op": "complete", "code": "pri", "cursor_pos": 3})
     time.sleep(0.55)
     code = (
         "import importlib, logging\n"

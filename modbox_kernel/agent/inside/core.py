@@ -164,15 +164,23 @@ class Agent:
         self.comm_manager = comms.install_comms(self)
         self.ready.set()
         log.info("runner ready: %s", self.mode)
-        if self.ipython_version:
-            # jedi's first completion parses the builtins stubs (seconds on a fresh
-            # sandbox with an empty cache); do it now, off the main thread, so the
-            # user's first Tab is fast. parso's parse cache is process-wide.
-            warm = threading.Thread(
-                target=warm_up_jedi, args=(self.gate,), name="jedi-warm-up", daemon=True
-            )
-            self.jedi_warm_up = warm
-            warm.start()
+
+    def start_jedi_warm_up(self) -> None:
+        """Warm jedi up in the background, once (called at the first completion).
+
+        jedi's first completion parses the builtins stubs: 1-2 s of CPU in a fresh
+        sandbox with an empty cache. Only a notebook whose user presses Tab needs it,
+        so it starts then (the first answers come from IPython's own matchers), not
+        in every sandbox at start: forty students arriving at once would otherwise
+        spend a minute of CPU on it before anyone has typed anything.
+        """
+        if self.jedi_warm_up is not None or not self.ipython_version:
+            return
+        warm = threading.Thread(
+            target=warm_up_jedi, args=(self.gate,), name="jedi-warm-up", daemon=True
+        )
+        self.jedi_warm_up = warm
+        warm.start()
 
     def main_loop(self) -> None:
         while True:

@@ -158,7 +158,8 @@ class Requests:
             # attributes, keys, paths, in milliseconds). That also keeps jedi, which is
             # not thread-safe, to the warm-up thread, parked while this request runs.
             warm = agent.jedi_warm_up
-            if warm is not None and warm.is_alive():
+            if warm is None or warm.is_alive():
+                agent.start_jedi_warm_up()  # for the completions after this one
                 return r.complete(code, cursor, quick=True)
             return r.complete(code, cursor)
 

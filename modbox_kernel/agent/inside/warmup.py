@@ -2,7 +2,7 @@
 
 ``core.Agent`` owns one :class:`Gate`; the request handlers (``server``) and the cell
 runner hold :meth:`Gate.busy`; :func:`warm_up_jedi` runs on a background thread started
-by ``core.Agent.setup_runner`` and waits on the gate.
+by ``core.Agent.start_jedi_warm_up`` at the first completion, and waits on the gate.
 """
 
 from __future__ import annotations
