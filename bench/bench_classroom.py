@@ -78,7 +78,8 @@ class Student:
     def arrive(self) -> None:
         try:
             t0 = time.perf_counter()
-            self.km = KernelManager(kernel_name=self.kernel)
+            # ipc, not tcp: forty kernels picking free ports at once can collide.
+            self.km = KernelManager(kernel_name=self.kernel, transport="ipc")
             # A student's own small folder (a home with one data file), not the
             # benchmark's working directory, is what gets copied into each sandbox.
             self.km.start_kernel(env=self.env, cwd=self.home)
