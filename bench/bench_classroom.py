@@ -78,8 +78,10 @@ class Student:
     def arrive(self) -> None:
         try:
             t0 = time.perf_counter()
-            # ipc, not tcp: forty kernels picking free ports at once can collide.
-            self.km = KernelManager(kernel_name=self.kernel, transport="ipc")
+            # tcp, as Jupyter's default (ipc paths are relative to the kernel's cwd,
+            # which differs from ours). Forty kernels picking free ports at once
+            # collide now and then (a jupyter_client race): then run it again.
+            self.km = KernelManager(kernel_name=self.kernel)
             # A student's own small folder (a home with one data file), not the
             # benchmark's working directory, is what gets copied into each sandbox.
             self.km.start_kernel(env=self.env, cwd=self.home)
