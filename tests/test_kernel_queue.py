@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kernel_helpers import (
@@ -44,14 +45,19 @@ def _progress_texts(run: object) -> list[str]:
     ]
 
 
+def _take_both_seats(env: dict[str, str], started: list[tuple[Any, Any]]) -> None:
+    """Two students whose kernels hold the service's two sandboxes."""
+    for _ in range(2):
+        km, kc = start_kernel(KERNEL_NAME, env)
+        started.append((km, kc))
+        assert run_cell(kc, "1").status == "ok"
+
+
 def test_the_third_student_waits_in_line_then_runs(two_seat_service: LocalService) -> None:
     env = service_env(two_seat_service.base_url, two_seat_service.token)
-    started = []
+    started: list[tuple[Any, Any]] = []
     try:
-        for _ in range(2):
-            km, kc = start_kernel(KERNEL_NAME, env)
-            started.append((km, kc))
-            assert run_cell(kc, "1").status == "ok"
+        _take_both_seats(env, started)
         km, kc = start_kernel(KERNEL_NAME, env)
         started.append((km, kc))
         run = submit(kc, "print('my turn')")
@@ -80,12 +86,9 @@ def test_the_third_student_waits_in_line_then_runs(two_seat_service: LocalServic
 
 def test_a_wait_past_the_startup_timeout_is_one_sentence(two_seat_service: LocalService) -> None:
     env = service_env(two_seat_service.base_url, two_seat_service.token)
-    started = []
+    started: list[tuple[Any, Any]] = []
     try:
-        for _ in range(2):
-            km, kc = start_kernel(KERNEL_NAME, env)
-            started.append((km, kc))
-            assert run_cell(kc, "1").status == "ok"
+        _take_both_seats(env, started)
         km, kc = start_kernel(KERNEL_NAME, {**env, "MODBOX_STARTUP_TIMEOUT": "3"})
         started.append((km, kc))
         first = run_cell(kc, "print('never')", timeout=30)

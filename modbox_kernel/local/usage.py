@@ -81,8 +81,7 @@ class UsageBook:
             row = rows.setdefault(name, OwnerUsage(name))
             row.oom_kills = events.get("oom_kills", 0)
             row.time_limits = events.get("time_limits", 0)
-        wanted = [r for name, r in sorted(rows.items()) if owner is None or name == owner]
-        return wanted
+        return [r for name, r in sorted(rows.items()) if owner is None or name == owner]
 
 
 def _owner(sandbox: Sandbox) -> str:
