@@ -30,6 +30,7 @@ import threading
 from typing import Any
 
 import zmq
+from ipykernel._version import kernel_protocol_version
 from ipykernel.kernelbase import Kernel
 
 from . import __version__, protocol
@@ -99,9 +100,19 @@ class ModboxKernel(KernelSettings, Kernel):
 
     @property
     def kernel_info(self) -> dict[str, Any]:
-        info = super().kernel_info
-        # We have neither subshells nor a debugger: don't let clients believe we do.
-        info["supported_features"] = []
+        # Built here rather than from ipykernel's property: that one imports
+        # ipykernel.debugger (and with it debugpy, ~0.1 s of CPU per kernel start)
+        # only to learn whether the *kernel* process could debug, which says nothing
+        # about the sandbox. We have neither subshells nor a debugger.
+        info: dict[str, Any] = {
+            "protocol_version": kernel_protocol_version,
+            "implementation": self.implementation,
+            "implementation_version": self.implementation_version,
+            "language_info": self.language_info,
+            "banner": self.banner,
+            "help_links": self.help_links,
+            "supported_features": [],
+        }
         version = self.sandbox.agent_info.get("python_version")
         if version:
             info["language_info"] = {**self.language_info, "version": version}

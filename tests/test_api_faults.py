@@ -511,3 +511,19 @@ async def test_no_token_in_reprs_messages_or_debug_logs(caplog: pytest.LogCaptur
     assert any(ACCESS in r.headers.get("Authorization", "") for r in rec.requests)
     assert any("DEBUG" == rec_.levelname for rec_ in caplog.records)
     assert_no_secret(caplog.text, *texts)
+
+
+def test_plain_http_clients_skip_the_ca_bundle_and_https_ones_share_a_verifying_one() -> None:
+    """Loading the CA bundle costs every kernel start tens of ms; only https needs it."""
+    import ssl
+
+    from modbox_kernel.api.urls import tls_context_for
+
+    plain = tls_context_for("http://127.0.0.1:8080", "http://127.0.0.1:8080/up")
+    # Never used for a handshake; if it were, it would refuse (nothing is trusted).
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname
+    assert plain.cert_store_stats()["x509_ca"] == 0
+    secure = tls_context_for("https://api.modbox.run")
+    assert secure.verify_mode == ssl.CERT_REQUIRED and secure.check_hostname
+    assert secure.cert_store_stats()["x509_ca"] > 0
+    assert tls_context_for("http://127.0.0.1:1", "https://files.example") is secure

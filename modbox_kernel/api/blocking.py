@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from .urls import check_base_url, redact_url, sandbox_path, trust_env_for
+from .urls import check_base_url, redact_url, sandbox_path, tls_context_for, trust_env_for
 
 __all__ = ["destroy_sandbox_blocking"]
 
@@ -43,7 +43,11 @@ def destroy_sandbox_blocking(
     try:
         base = check_base_url(base_url)
         with httpx.Client(
-            base_url=base, timeout=timeout, headers=headers, trust_env=trust_env_for(base)
+            base_url=base,
+            timeout=timeout,
+            headers=headers,
+            trust_env=trust_env_for(base),
+            verify=tls_context_for(base),
         ) as http:
             response = http.delete(sandbox_path(sandbox_id))
     except Exception as exc:  # atexit: report, never raise (see docstring)

@@ -34,7 +34,7 @@ from modbox_kernel.errors import (
 )
 
 from .retry import RetryMode, RetryPolicy, parse_retry_after
-from .urls import redact_url, trust_env_for
+from .urls import redact_url, tls_context_for, trust_env_for
 
 __all__ = [
     "USER_AGENT",
@@ -335,7 +335,8 @@ class KeepAliveClient:
     messages use (``service``, the hints) and its ``secrets``; subclasses send through
     ``self._requester`` and read the timeouts back for calls of their own. Usable as
     ``async with``; :meth:`aclose` closes the connection pool. ``base_url`` is empty
-    for the runtime, whose URLs are absolute (they come from the sandbox record).
+    for the runtime, whose URLs are absolute (they come from the sandbox record);
+    ``other_urls`` are further places it sends to (the runtime's upload URL).
     ``transport`` exists so tests can plug in ``httpx.MockTransport``.
     """
 
@@ -354,6 +355,7 @@ class KeepAliveClient:
         timeout_hint: str,
         status_hints: Mapping[int, str],
         secrets: Iterable[str | None],
+        other_urls: Iterable[str] = (),
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -364,6 +366,7 @@ class KeepAliveClient:
             transport=transport,
             # Proxies apply to where the requests go (``url``), decided once here.
             trust_env=trust_env_for(url),
+            verify=tls_context_for(url, *other_urls),
         )
         self._requester = Requester(
             self._http,

@@ -75,6 +75,7 @@ class SandboxRuntime(KeepAliveClient):
             "or restarted",
             status_hints={401: _RUNTIME_401_HINT},
             secrets=self._tokens,
+            other_urls=(self.upload_url,),
         )
 
     def __repr__(self) -> str:

@@ -8,7 +8,9 @@ guides' ``{sandbox_url}/modbox/api/...``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import ssl
 from urllib.parse import quote
 
 import httpx
@@ -22,6 +24,7 @@ __all__ = [
     "exec_url",
     "redact_url",
     "sandbox_path",
+    "tls_context_for",
     "trust_env_for",
     "upload_url",
 ]
@@ -128,3 +131,25 @@ def upload_url(info: SandboxInfo) -> str:
     """Absolute URL of the sandbox's upload endpoint (``capabilities.files`` + /upload)."""
     cap = info.capabilities.get("files")
     return cap.rstrip("/") + "/upload" if cap else _runtime_base(info) + "/files/upload"
+
+
+def tls_context_for(*urls: str) -> ssl.SSLContext:
+    """The TLS context a client that sends to ``urls`` verifies servers with.
+
+    httpx builds a verifying context (loading the whole CA bundle, 30-50 ms of CPU)
+    for every client, even one that only ever speaks plain HTTP to loopback; with
+    two clients per kernel and forty kernels starting on one host that is seconds of
+    CPU. So: https URLs share one default context per process, and plain-HTTP URLs
+    get an empty strict context that is never used for a handshake -- were a
+    request ever to reach an https URL through it, verification would fail (no CA
+    is loaded): closed, never open.
+    """
+    if any(httpx.URL(url).scheme == "https" for url in urls):
+        return _verifying_context()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+@functools.cache
+def _verifying_context() -> ssl.SSLContext:
+    # httpx's own defaults (certifi, SSL_CERT_FILE / SSL_CERT_DIR honoured).
+    return httpx.create_ssl_context()
