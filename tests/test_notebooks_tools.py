@@ -211,3 +211,49 @@ def test_papermill_reports_a_failing_cell(request: pytest.FixtureRequest, tmp_pa
         if c.cell_type == "markdown" and "An Exception was encountered" in c.source
     ]
     assert len(banners) == 1
+
+
+def _course_notebook(path: Path) -> None:
+    """A notebook that starts as course notebooks do: the stock kernel's magics first."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_NAME}
+    nb.metadata["kernelspec"]["language"] = "python"
+    nb.cells = [
+        nbformat.v4.new_code_cell("%autosave 0"),
+        nbformat.v4.new_code_cell("%matplotlib notebook\n%matplotlib inline"),
+        nbformat.v4.new_code_cell("%connect_info"),
+        nbformat.v4.new_code_cell("print('the lesson runs')"),
+    ]
+    nbformat.write(nb, path)
+
+
+@pytest.mark.parametrize("tool", ["nbconvert", "papermill"])
+def test_a_course_notebook_starting_with_autosave_runs_without_errors(
+    tool: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Errors not allowed (both tools' default): a magic the kernel lacked aborted the run."""
+    in_path, out_path = tmp_path / "lesson.ipynb", tmp_path / "lesson-out.ipynb"
+    _course_notebook(in_path)
+    if tool == "nbconvert":
+        args = [
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            f"--ExecutePreprocessor.kernel_name={KERNEL_NAME}",
+            f"--ExecutePreprocessor.startup_timeout={STARTUP_TIMEOUT}",
+            f"--output-dir={tmp_path}",
+            "--output=lesson-out",
+            str(in_path),
+        ]
+        proc = _run(args, env_for_kernel(request), cwd=tmp_path)
+    else:
+        proc = _papermill([str(in_path), str(out_path)], env_for_kernel(request), cwd=tmp_path)
+    assert proc.returncode == 0, _explain(proc)
+    cells = _code_cells(read_notebook(out_path))
+    assert _text(cells[0]) == "Autosave disabled\n"
+    assert "application/javascript" in _mimes(cells[0])
+    assert not [o for c in cells for o in c.outputs if o["output_type"] == "error"]
+    assert "jupyter <app> --existing" in _text(cells[2])
+    assert _text(cells[3]) == "the lesson runs\n"

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+from .kernelmagics import check_gui, kernel_magics
 from .naming import cell_file_name
 from .runner import Runner
 from .tracebacks import without_agent_tail
@@ -32,7 +33,6 @@ def make_ipython_runner(agent: Agent) -> Runner:
     from IPython.core.displayhook import DisplayHook
     from IPython.core.displaypub import DisplayPublisher
     from IPython.core.error import StdinNotImplementedError as IPyStdinError
-    from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.tokenutil import line_at_cursor, token_at_cursor
     from traitlets import CBool, Type
@@ -120,11 +120,9 @@ def make_ipython_runner(agent: Agent) -> Runner:
             self.set_hook("show_in_pager", page.as_hook(payloadpage.page), 99)
 
         def enable_gui(self, gui: Any = None) -> None:
-            if gui:
-                raise UsageError(
-                    f"GUI event loops ({gui}) cannot run inside the sandbox; "
-                    "use the inline backend (%matplotlib inline)."
-                )
+            # %gui, and %matplotlib for its backend's loop: see kernelmagics.check_gui.
+            check_gui(gui)
+            self.active_eventloop = gui
 
         def ask_exit(self) -> None:
             # exit()/quit(): the kernel decides what that means (as ipykernel does).
@@ -196,6 +194,7 @@ def make_ipython_runner(agent: Agent) -> Runner:
         def _init_like_kernelapp(self) -> None:
             """What IPKernelApp adds around its shell: default extension, startup files."""
             shell = self.shell
+            shell.register_magics(kernel_magics(shell))  # %autosave, %less, … (ipykernel's)
             try:
                 shell.extension_manager.load_extension("storemagic")  # %store
             except Exception:
