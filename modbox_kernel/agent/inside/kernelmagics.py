@@ -109,7 +109,10 @@ def kernel_magics(shell: Any) -> Any:
                     text = f.read()
             page.page(text)
 
-        more = line_magic("more")(less)
+        @line_magic
+        def more(self, arg_s: str) -> None:
+            """Show a file through the pager (the same as ``%less``)."""
+            self.less(arg_s)
 
         @line_magic
         def man(self, arg_s: str) -> None:
