@@ -72,6 +72,16 @@ def kernel_magics(shell: Any) -> Any:
     from IPython.display import Javascript, display
     from IPython.utils import openpy
 
+    def page_file(shell: Any, arg_s: str) -> None:
+        if not arg_s:
+            raise UsageError("Missing filename.")
+        if arg_s.endswith(".py"):
+            text = shell.pycolorize(openpy.read_py_file(arg_s, skip_encoding_cookie=False))
+        else:
+            with open(arg_s) as f:
+                text = f.read()
+        page.page(text)
+
     @magics_class
     class SandboxKernelMagics(Magics):
         @line_magic
@@ -98,21 +108,12 @@ def kernel_magics(shell: Any) -> Any:
         @line_magic
         def less(self, arg_s: str) -> None:
             """Show a file through the pager; ``.py`` files are syntax-highlighted."""
-            if not arg_s:
-                raise UsageError("Missing filename.")
-            if arg_s.endswith(".py"):
-                text = self.shell.pycolorize(  # type: ignore[union-attr]
-                    openpy.read_py_file(arg_s, skip_encoding_cookie=False)
-                )
-            else:
-                with open(arg_s) as f:
-                    text = f.read()
-            page.page(text)
+            page_file(self.shell, arg_s)
 
         @line_magic
         def more(self, arg_s: str) -> None:
             """Show a file through the pager (the same as ``%less``)."""
-            self.less(arg_s)
+            page_file(self.shell, arg_s)
 
         @line_magic
         def man(self, arg_s: str) -> None:
