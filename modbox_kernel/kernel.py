@@ -37,6 +37,7 @@ from . import __version__, protocol
 from .cellcontrol import CellControl, InputCancelled, cell_time_limit
 from .errors import ModboxError
 from .execution import CellExecution
+from .idleoutput import IdleOutput
 from .relay import OutputRelay
 from .session import SandboxSession, SessionConfig
 from .settings import EnvSettings, KernelSettings
@@ -82,6 +83,9 @@ class ModboxKernel(KernelSettings, Kernel):
                 copy_limit=max(0, self.copy_limit),
             )
         )
+        # Threads' and timers' output while no cell runs, published as ipykernel does.
+        self._last_shell_parent: dict[str, Any] = {}
+        self.idle_output = IdleOutput(self.sandbox, self._idle_relay)
         self.cell_control = CellControl(self._interrupt_agent)
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
         self._allow_stdin = False
@@ -97,6 +101,7 @@ class ModboxKernel(KernelSettings, Kernel):
         # setting nothing starts: every cell says what to fix.
         if not self._env.problems:
             self.io_loop.add_callback(self.sandbox.start)
+            self.io_loop.add_callback(self.idle_output.start)
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -117,6 +122,33 @@ class ModboxKernel(KernelSettings, Kernel):
         if version:
             info["language_info"] = {**self.language_info, "version": version}
         return info
+
+    def set_parent(self, ident: Any, parent: Any, channel: str = "shell") -> None:
+        super().set_parent(ident, parent, channel)
+        if channel == "shell":
+            # ipykernel's streams publish what threads write between cells under the
+            # last shell request (a global beside the per-task context): so do we.
+            self._last_shell_parent = parent
+
+    def _idle_relay(self) -> OutputRelay:
+        """A relay for output produced while no cell ran (see ``idleoutput``)."""
+
+        def publish(
+            msg_type: str,
+            content: dict[str, Any],
+            metadata: dict[str, Any] | None,
+            buffers: list[bytes] | None,
+        ) -> None:
+            self.session.send(
+                self.iopub_socket,
+                msg_type,
+                content,
+                self._last_shell_parent,
+                metadata=metadata,
+                buffers=buffers,
+            )
+
+        return OutputRelay(publish, silent=False, output_limit=max(0, self.output_limit))
 
     def _relay(self, silent: bool) -> OutputRelay:
         """The relay of one request's output to IOPub."""

@@ -39,6 +39,7 @@ __all__ = [
     "INPUT_EOF",
     "OUTPUT_EVENTS",
     "CellRequest",
+    "background_request",
     "execute_request",
     "input_reply",
     "interrupt_request",
@@ -93,6 +94,11 @@ def execute_request(cell: CellRequest, *, wait: float, since: int = 0) -> dict[s
 def poll_request(cell_id: str, *, since: int, wait: float) -> dict[str, Any]:
     """The events of cell ``cell_id`` from number ``since`` on, waiting up to ``wait`` s."""
     return {"op": names.OP_POLL, "id": cell_id, "since": since, "wait": wait}
+
+
+def background_request(*, since: int, wait: float) -> dict[str, Any]:
+    """What the sandbox produced while no cell ran, from event ``since`` on."""
+    return {"op": names.OP_BACKGROUND, "since": since, "wait": wait}
 
 
 def interrupt_request(cell_id: str) -> dict[str, Any]:

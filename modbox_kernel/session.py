@@ -126,6 +126,7 @@ class SandboxSession:
         self._create_key = new_key()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._swept = False
+        self._changed = asyncio.Event()  # set whenever _sandbox changes or we close
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +151,21 @@ class SandboxSession:
     @property
     def agent_info(self) -> dict[str, Any]:
         return self._sandbox.agent_info if self._sandbox else {}
+
+    async def wait_for_sandbox(self, other_than: object = None) -> _Sandbox | None:
+        """The ready sandbox (once there is one, and it is not ``other_than``); None
+        once the session is closed. For listeners (``idleoutput``): never provisions."""
+        while not self._closed:
+            sandbox = self._sandbox
+            if sandbox is not None and sandbox is not other_than:
+                return sandbox
+            self._changed.clear()
+            await self._changed.wait()
+        return None
+
+    def _set_sandbox(self, sandbox: _Sandbox | None) -> None:
+        self._sandbox = sandbox
+        self._changed.set()
 
     def start(self) -> None:
         """Begin provisioning in the background (idempotent)."""
@@ -309,7 +325,7 @@ class SandboxSession:
             keeper=keeper,
             created=t0,  # no later than the service's own clock for its TTL
         )
-        self._sandbox = sandbox
+        self._set_sandbox(sandbox)
         self.notices.copy = copy_notice
         log.info(
             "sandbox %s ready in %.2f s (python %s, ipython %s)",
@@ -354,6 +370,7 @@ class SandboxSession:
     async def close(self) -> None:
         """Destroy the sandbox and stop the embedded service (called on shutdown)."""
         self._closed = True
+        self._changed.set()
         if self._provisioning is not None and not self._provisioning.done():
             self._provisioning.cancel()
             with contextlib.suppress(BaseException):
@@ -446,7 +463,7 @@ class SandboxSession:
 
     def _forget(self, sandbox: _Sandbox, cause: str) -> None:
         if self._sandbox is sandbox:
-            self._sandbox = None
+            self._set_sandbox(None)
             self._provisioning = None
             self.notices.lost = cause
             client = self._backend.current_client

@@ -613,12 +613,20 @@ def test_c_level_and_subprocess_output_is_captured(both: AgentUnderTest) -> None
     assert stdout_of(events, "stderr") == "raw-err\n"
 
 
-def test_output_between_cells_goes_to_the_log(both: AgentUnderTest) -> None:
+def test_output_between_cells_goes_to_the_background_log(both: AgentUnderTest) -> None:
+    """Not the next cell's: the kernel's waiting poll publishes it (op ``background``)."""
+    first = both.request(protocol.background_request(since=0, wait=0))
+    since, epoch = first["next"], first["epoch"]
     marker = uuid.uuid4().hex
     both.execute(f"import subprocess\nsubprocess.Popen('sleep 0.3; echo {marker}', shell=True)")
-    time.sleep(1.0)  # the echo happens while no cell runs
+    started = time.monotonic()
+    answer = both.request(protocol.background_request(since=since, wait=10))
+    assert time.monotonic() - started < 5  # answered when the text came, not at the wait
+    assert answer["epoch"] == epoch
+    assert stdout_of(answer["events"]) == f"{marker}\n"
     assert stdout_of(both.execute("print('next')")) == "next\n"
-    assert marker in Path(both.state_dir, "agent.log").read_text()
+    again = both.request(protocol.background_request(since=answer["next"], wait=0))
+    assert again["events"] == []
 
 
 def test_user_expressions(both: AgentUnderTest) -> None:

@@ -112,13 +112,18 @@ class OutputCapture:
                 self._deliver(self.fds[fd], text)
 
     def _deliver(self, name: str, text: str) -> None:
-        cell = self.agent.current
+        agent = self.agent
+        cell = agent.current
         if cell is not None:
-            self.agent.append_stream(cell, name, text)
+            agent.append_stream(cell, name, text)
+        elif agent.ready.is_set():
+            # Between cells (background threads, timers): the background log's.
+            agent.append_stream(agent.background, name, text)
         else:
-            # Output between cells (background threads, startup) is not a cell's.
+            # While the runner starts (IPython's import, startup files): the log's, as
+            # the stock kernel's startup output goes to its terminal.
             try:
-                os.write(self.log_fd, f"[{name} between cells] {text}".encode())
+                os.write(self.log_fd, f"[{name} at start] {text}".encode())
             except OSError:
                 pass
 

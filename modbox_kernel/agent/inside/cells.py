@@ -20,6 +20,9 @@ from .wire import MAX_RESPONSE_BYTES, MERGE_LIMIT, Event
 
 #: Cells whose events are kept; older finished cells keep only their id.
 KEEP_CELLS = 200
+#: Events of the background log (output between cells) kept while nobody reads them;
+#: the oldest go first. Stream events hold at most ``MERGE_LIMIT`` characters each.
+KEEP_BACKGROUND_EVENTS = 256
 
 
 class Cell:
@@ -131,6 +134,26 @@ class Cell:
         self.fetched = max(self.fetched, nxt)
         done = 0 <= self.done_seq < nxt
         return {"ok": True, "events": out, "next": nxt, "done": done}
+
+
+def background_log() -> Cell:
+    """The pseudo-cell that collects what is produced while no cell runs.
+
+    It never finishes, so its stream text merges and its cursor works as a cell's.
+    """
+    log = Cell({"id": "background"}, 0)
+    log.state = "running"
+    return log
+
+
+def trim_background(log: Cell) -> None:
+    """Drop the oldest events of ``log`` beyond :data:`KEEP_BACKGROUND_EVENTS`
+    (caller holds the cond): a thread printing forever must not grow the agent."""
+    extra = len(log.events) - KEEP_BACKGROUND_EVENTS
+    if extra > 0:
+        del log.events[:extra]
+        log.base += extra
+        log.fetched = max(log.fetched, log.base)
 
 
 class Call:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from . import comms
 from .capture import OutputCapture
-from .cells import Call, Cell
+from .cells import Call, Cell, background_log, trim_background
 from .fallback import FallbackRunner
 from .ipython_runner import make_ipython_runner
 from .location import agent_version
@@ -51,6 +51,11 @@ class Agent:
         self.forgotten: set[str] = set()
         self.work: queue.Queue[Any] = queue.Queue()
         self.current: Optional[Cell] = None
+        # What threads, timers and comms produce while no cell runs: the kernel keeps
+        # one poll waiting on it and publishes it as the stock kernel does (under the
+        # request that was last active). ``epoch`` tells a replaced agent apart.
+        self.background = background_log()
+        self.epoch = secrets.token_hex(8)
         self.runner: Optional[Runner] = None
         self.ready = threading.Event()
         self.jedi_warm_up: Optional[threading.Thread] = None
@@ -112,11 +117,15 @@ class Agent:
     def append_stream(self, cell: Cell, name: str, text: str) -> None:
         with self.cond:
             if cell.add_stream(name, text):
+                if cell is self.background:
+                    trim_background(cell)
                 self.cond.notify_all()
 
     def _append(self, cell: Cell, event: Event) -> None:
         """Add a non-stream event (caller holds ``self.cond``)."""
         if cell.add(event):
+            if cell is self.background:
+                trim_background(cell)
             self.cond.notify_all()
 
     def emit(self, event: Event) -> None:
@@ -125,10 +134,7 @@ class Agent:
             self.io.drain()
             event = snapshot(event)
             with self.cond:
-                cell = self.current
-                if cell is None:
-                    log.info("dropped a %s event produced outside a cell", event.get("type"))
-                    return
+                cell = self.current if self.current is not None else self.background
                 self._append(cell, event)
 
     # -- main thread
@@ -194,7 +200,7 @@ class Agent:
         runner = self.runner
         assert runner is not None
         with self.io.lock:
-            for fd in self.io.fds:  # output from before this cell goes to the log
+            for fd in self.io.fds:  # output from before this cell is background output
                 self.io.read_available(fd)
             with self.cond:
                 cell.state = "running"

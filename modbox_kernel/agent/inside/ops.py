@@ -15,7 +15,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict
 
-from . import comms
+from . import comms, protocol
 from .cells import KEEP_CELLS, Cell
 from .wire import MAX_WAIT_SECONDS, decode_request, snapshot
 
@@ -48,7 +48,13 @@ class Requests:
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
-        result: Dict[str, Any] = handler(req)
+        if op == protocol.OP_BACKGROUND:
+            # The kernel keeps this poll open all the time; it only waits on the
+            # condition, so it must not keep the jedi warm-up parked.
+            background: Dict[str, Any] = handler(req)
+            return background
+        with self.agent.gate.busy():
+            result: Dict[str, Any] = handler(req)
         return result
 
     # -- cells
@@ -77,6 +83,12 @@ class Requests:
         if cell is None:
             return {"ok": False, "error": f"unknown cell id {req.get('id')!r}"}
         return self._collect(cell, req, until_done=False)
+
+    def op_background(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """Events produced while no cell ran, from ``since`` (waits up to ``wait`` s)."""
+        answer = self._collect(self.agent.background, req, until_done=False)
+        answer["epoch"] = self.agent.epoch
+        return answer
 
     def _forget_old_cells(self) -> None:
         cells = self.agent.cells

@@ -22,6 +22,10 @@ OP_HISTORY = "history"
 OP_COMM_INFO = "comm_info"
 OP_INFO = "info"
 OP_SHUTDOWN = "shutdown"
+#: Events produced while no cell runs (background threads, timers, comms), read with
+#: the cursor of ``poll`` (``since``, ``wait``); the answer also carries ``epoch``, which
+#: changes when the agent is replaced (its numbering starts again at 0).
+OP_BACKGROUND = "background"
 
 #: Ops answered from the user's namespace on the main thread (``{"ok", "reply"}``).
 QUERY_OPS: Tuple[str, ...] = (

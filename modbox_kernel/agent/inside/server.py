@@ -2,8 +2,8 @@
 
 ``daemon.run_daemon`` starts :class:`Server` on a thread of its own; each connection is
 handled on a new thread by :class:`Handler`, which passes the line to
-``ops.Requests.handle_line`` while holding the agent's gate (the jedi warm-up steps
-aside meanwhile).
+``ops.Requests.handle_line`` (which holds the agent's gate while it answers, so the
+jedi warm-up steps aside meanwhile).
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ class Handler(socketserver.StreamRequestHandler):
     server: Server
 
     def handle(self) -> None:
-        with self.server.agent.gate.busy():
-            self._handle()
-
-    def _handle(self) -> None:
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         exit_after = False
         try:

@@ -1,0 +1,122 @@
+"""Output produced while no cell runs, compared with the python3 kernel.
+
+A thread that prints after its cell ended, a ``threading.Timer`` that calls
+``display()``, a widget changed from a thread: the stock kernel publishes them at once
+under the request that was last active, and a frontend shows them under that cell.
+Each scenario runs against both kernels through jupyter_client with no request after
+the cell, and what arrives under the cell must match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kernel_helpers import (
+    KERNEL_NAME,
+    REFERENCE_KERNEL,
+    Kernel,
+    embedded_env,
+    env_for_kernel,
+    pump,
+    run_cell,
+)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
+
+LATE_PRINT = (
+    "import threading, time\n"
+    "threading.Thread(target=lambda: (time.sleep(0.5), print('late', flush=True))).start()"
+)
+TIMER_DISPLAY = (
+    "import threading\n"
+    "from IPython.display import display, HTML\n"
+    "threading.Timer(0.5, lambda: display(HTML('<b>from a timer</b>'))).start()"
+)
+HUNDRED_PRINTS = (
+    "import threading, time\n"
+    "def count():\n"
+    "    time.sleep(0.3)\n"
+    "    for i in range(100):\n"
+    "        print(i)\n"
+    "threading.Thread(target=count).start()"
+)
+WIDGET_FROM_THREAD = (
+    "import threading, ipywidgets\n"
+    "slider = ipywidgets.IntSlider(value=1)\n"
+    "threading.Timer(0.5, lambda: setattr(slider, 'value', 7)).start()\n"
+    "slider"
+)
+
+
+@pytest.fixture(scope="module")
+def both(kernels: Any, request: pytest.FixtureRequest) -> Iterator[dict[str, Kernel]]:
+    yield {
+        REFERENCE_KERNEL: kernels.start(embedded_env(), kernel_name=REFERENCE_KERNEL),
+        KERNEL_NAME: kernels.start(env_for_kernel(request)),
+    }
+
+
+def _after_the_cell(kernel: Kernel, code: str, until: Any) -> list[dict[str, Any]]:
+    """Run ``code``; then, sending nothing, collect what arrives under it until ``until``."""
+    run = run_cell(kernel.kc, code)
+    assert run.status == "ok", run.describe()
+    done_outputs = len(run.outputs)
+    assert pump(kernel.kc, run, lambda: until(run.outputs[done_outputs:]), 10), run.describe()
+    return run.outputs[done_outputs:]
+
+
+def _stdout(outputs: list[dict[str, Any]]) -> str:
+    return "".join(
+        m["content"]["text"]
+        for m in outputs
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+    )
+
+
+def test_a_thread_prints_after_its_cell_ended(both: dict[str, Kernel]) -> None:
+    seen = {
+        name: _stdout(_after_the_cell(k, LATE_PRINT, lambda out: "late\n" in _stdout(out)))
+        for name, k in both.items()
+    }
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL] == "late\n"
+
+
+def test_a_timer_displays_after_its_cell_ended(both: dict[str, Kernel]) -> None:
+    def displays(out: list[dict[str, Any]]) -> list[Any]:
+        return [m["content"]["data"] for m in out if m["msg_type"] == "display_data"]
+
+    seen = {
+        name: displays(_after_the_cell(k, TIMER_DISPLAY, lambda out: bool(displays(out))))
+        for name, k in both.items()
+    }
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
+    assert seen[KERNEL_NAME][0]["text/html"] == "<b>from a timer</b>"
+
+
+def test_a_hundred_prints_from_an_idle_thread_arrive_complete_and_in_order(
+    both: dict[str, Kernel],
+) -> None:
+    want = "".join(f"{i}\n" for i in range(100))
+    for kernel in both.values():
+        got = _stdout(
+            _after_the_cell(kernel, HUNDRED_PRINTS, lambda out: len(_stdout(out)) >= len(want))
+        )
+        assert got == want
+
+
+def test_a_widget_changed_from_a_thread_updates_the_frontend(both: dict[str, Kernel]) -> None:
+    def updates(out: list[dict[str, Any]]) -> list[Any]:
+        return [
+            m["content"]["data"]
+            for m in out
+            if m["msg_type"] == "comm_msg" and m["content"]["data"].get("method") == "update"
+        ]
+
+    seen = {
+        name: updates(_after_the_cell(k, WIDGET_FROM_THREAD, lambda out: bool(updates(out))))
+        for name, k in both.items()
+    }
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
+    assert seen[KERNEL_NAME][0]["state"] == {"value": 7}
