@@ -139,13 +139,15 @@ class ModboxKernel(KernelSettings, Kernel):
             metadata: dict[str, Any] | None,
             buffers: list[bytes] | None,
         ) -> None:
+            if self.session is None:  # not connected yet: nobody to tell
+                return
             self.session.send(
                 self.iopub_socket,
                 msg_type,
                 content,
                 self._last_shell_parent,
                 metadata=metadata,
-                buffers=buffers,
+                buffers=list(buffers) if buffers else None,
             )
 
         return OutputRelay(publish, silent=False, output_limit=max(0, self.output_limit))
