@@ -13,25 +13,11 @@ import base64
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import protocol
+from .facade import KernelFacade
 
 if TYPE_CHECKING:
     from .cells import Cell
     from .core import Agent
-
-
-class _KernelFacade:
-    """``get_ipython().kernel`` for ipywidgets' Output widget, which asks it for the
-    request being handled (to claim that request's output); nothing else is offered.
-    """
-
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
-
-    def get_parent(self, channel: Optional[str] = None) -> Dict[str, Any]:
-        cell = self._agent.current
-        if cell is None or not cell.parent_header:
-            return {}
-        return {"header": dict(cell.parent_header)}
 
 
 def install_comms(agent: Agent) -> Any:
@@ -68,7 +54,7 @@ def install_comms(agent: Agent) -> Any:
     comm.get_comm_manager = lambda: manager
     shell = getattr(agent.runner, "shell", None)
     if shell is not None and getattr(shell, "kernel", None) is None:
-        shell.kernel = _KernelFacade(agent)
+        shell.kernel = KernelFacade(agent, shell)
     return manager
 
 

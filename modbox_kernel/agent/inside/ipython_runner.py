@@ -104,6 +104,12 @@ def make_ipython_runner(agent: Agent) -> Runner:
         _last_traceback: Optional[List[str]] = None
         _last_traceback_during_displayhook = False
 
+        @property
+        def parent_header(self) -> Dict[str, Any]:
+            # ipykernel's shell has it: the header of the request being handled.
+            kernel = getattr(self, "kernel", None)
+            return dict(kernel.parent_header) if kernel is not None else {}
+
         def init_environment(self) -> None:
             # Same as ipykernel: no terminal pagers, colour where tools support it.
             env = os.environ
