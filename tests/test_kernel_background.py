@@ -10,8 +10,10 @@ the cell, and what arrives under the cell must match.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 from kernel_helpers import (
     KERNEL_NAME,
@@ -19,6 +21,7 @@ from kernel_helpers import (
     Kernel,
     embedded_env,
     env_for_kernel,
+    execute_notebook,
     pump,
     run_cell,
 )
@@ -76,11 +79,16 @@ def _stdout(outputs: list[dict[str, Any]]) -> str:
 
 
 def test_a_thread_prints_after_its_cell_ended(both: dict[str, Kernel]) -> None:
+    """One print, one output: its text and newline are two writes, never two outputs."""
     seen = {
-        name: _stdout(_after_the_cell(k, LATE_PRINT, lambda out: "late\n" in _stdout(out)))
+        name: [
+            m["content"]["text"]
+            for m in _after_the_cell(k, LATE_PRINT, lambda out: "late\n" in _stdout(out))
+            if m["msg_type"] == "stream"
+        ]
         for name, k in both.items()
     }
-    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL] == "late\n"
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL] == ["late\n"]
 
 
 def test_a_timer_displays_after_its_cell_ended(both: dict[str, Kernel]) -> None:
@@ -120,3 +128,34 @@ def test_a_widget_changed_from_a_thread_updates_the_frontend(both: dict[str, Ker
     }
     assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
     assert seen[KERNEL_NAME][0]["state"] == {"value": 7}
+
+
+def test_saved_notebooks_hold_as_many_outputs_per_cell_as_under_python3(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Not only the same merged text: the same outputs (a print is one stream output)."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import time\ntime.sleep(0.3)\nprint('Note: the data was cached')"
+        ),
+        nbformat.v4.new_code_cell("time.sleep(0.3)\nprint('one', 'print', 'of', 5, 'parts')"),
+        nbformat.v4.new_code_cell("import sys\ntime.sleep(0.2)\nprint('warning', file=sys.stderr)"),
+    ]
+    saved = {}
+    for name, env in ((REFERENCE_KERNEL, embedded_env()), (KERNEL_NAME, env_for_kernel(request))):
+        folder = tmp_path / name
+        folder.mkdir()
+        ran = execute_notebook(nb, name, env, cwd=folder)
+        saved[name] = [[(o["name"], o["text"]) for o in cell.outputs] for cell in ran.cells]
+    assert saved[KERNEL_NAME] == saved[REFERENCE_KERNEL]
+
+
+def test_no_print_is_split_across_outputs(both: dict[str, Kernel]) -> None:
+    """A print's text and its newline are separate writes; an output never ends between."""
+    code = "import time\nfor i in range(40):\n    time.sleep(0.03)\n    print('line', i)"
+    for name, kernel in both.items():
+        run = run_cell(kernel.kc, code)
+        texts = [m["content"]["text"] for m in run.outputs if m["msg_type"] == "stream"]
+        assert "".join(texts) == "".join(f"line {i}\n" for i in range(40))
+        assert [t for t in texts if not t.endswith("\n")] == [], name

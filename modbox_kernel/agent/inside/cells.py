@@ -102,6 +102,14 @@ class Cell:
             self.done_seq = event["seq"]
         return True
 
+    def ends_mid_line(self) -> bool:
+        """Whether the newest event is stream text still waiting for its newline
+        (``print`` writes the text and the newline separately)."""
+        last = self.events[-1] if self.events else None
+        if last is None or last["type"] != protocol.EV_STREAM or "_parts" not in last:
+            return False
+        return not last["_parts"][-1].endswith("\n")
+
     def ready(self, since: int, until_done: bool) -> bool:
         """Whether an answer for a request waiting from ``since`` can go now."""
         if until_done:

@@ -149,9 +149,15 @@ def make_ipython_runner(agent: Agent) -> Runner:
         def _get_exc_info(self, exc_tuple: Any = None) -> Any:
             etype, value, tb = super()._get_exc_info(exc_tuple)
             # A KeyboardInterrupt raised by the agent's SIGINT handler ends in a frame of
-            # the agent (ipykernel's C-level handler leaves none). Users must not see it,
-            # and rendering it makes IPython parse that agent module.
-            return etype, value, without_agent_tail(tb)
+            # the agent (ipykernel's C-level handler leaves none), as does the
+            # StdinNotImplementedError of its input(). Users must not see them,
+            # rendering them makes IPython parse that agent module, and %debug (which
+            # reads what IPython just stored in sys.last_*) must not open it either.
+            tb = without_agent_tail(tb)
+            sys.last_traceback = tb
+            if value is not None and tb is not None:
+                value.__traceback__ = tb
+            return etype, value, tb
 
         def _showtraceback(self, etype: Any, evalue: Any, stb: List[str]) -> None:
             # Exactly one `error` event and nothing on stderr (jupyter_kernel_test checks).

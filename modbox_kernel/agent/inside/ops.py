@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modbox.agent")
 
+#: How long a poll woken by text without a newline waits for the rest of the line.
+PARTIAL_LINE_WAIT = 0.005
+
 
 class Requests:
     """Answers the kernel's requests for one :class:`~.core.Agent`."""
@@ -109,6 +112,15 @@ class Requests:
             while True:
                 remaining = deadline - time.monotonic()
                 if cell.ready(since, until_done) or remaining <= 0:
+                    break
+                cond.wait(remaining)
+            # Woken by the first part of a print (its pieces and newline are separate
+            # writes, microseconds apart): answering now would make two outputs of one
+            # print in a saved notebook, where the stock kernel saves one.
+            line_by = time.monotonic() + PARTIAL_LINE_WAIT
+            while not until_done and cell.state != "finished" and cell.ends_mid_line():
+                remaining = line_by - time.monotonic()
+                if remaining <= 0:
                     break
                 cond.wait(remaining)
             return cell.take(since)
