@@ -115,6 +115,7 @@ class CellExecution:
             relay.flush()
             return self._error_reply(relay, "ModboxError", str(exc), [red(str(exc))])
         relay.flush()
+        await relay.settle()
         return self._reply_from_done(done)
 
     async def _wait_for_sandbox(self, relay: OutputRelay) -> None:

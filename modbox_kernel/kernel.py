@@ -36,6 +36,7 @@ from ipykernel.kernelbase import Kernel
 from . import __version__, protocol
 from .cellcontrol import CellControl, InputCancelled, cell_time_limit
 from .errors import ModboxError
+from .commforward import CommForwarder, ParentOrder
 from .execution import CellExecution
 from .idleoutput import IdleOutput
 from .relay import OutputRelay
@@ -85,7 +86,9 @@ class ModboxKernel(KernelSettings, Kernel):
         )
         # Threads' and timers' output while no cell runs, published as ipykernel does.
         self._last_shell_parent: dict[str, Any] = {}
-        self.idle_output = IdleOutput(self.sandbox, self._idle_relay)
+        self._parents = ParentOrder()
+        self.idle_output = IdleOutput(self.sandbox, lambda: self._relay_under(None))
+        self.comms = CommForwarder(self.sandbox, self._relay_under)
         self.cell_control = CellControl(self._interrupt_agent)
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
         self._allow_stdin = False
@@ -124,14 +127,18 @@ class ModboxKernel(KernelSettings, Kernel):
         return info
 
     def set_parent(self, ident: Any, parent: Any, channel: str = "shell") -> None:
+        if channel == "shell" and self._parents.stale(parent):
+            return
         super().set_parent(ident, parent, channel)
         if channel == "shell":
             # ipykernel's streams publish what threads write between cells under the
             # last shell request (a global beside the per-task context): so do we.
             self._last_shell_parent = parent
 
-    def _idle_relay(self) -> OutputRelay:
-        """A relay for output produced while no cell ran (see ``idleoutput``)."""
+    def _relay_under(self, parent: dict[str, Any] | None) -> OutputRelay:
+        """A relay publishing under ``parent``: a queued comm message (``commforward``),
+        or with None the last shell request at the time of sending -- for what the
+        sandbox produced while no cell ran (``idleoutput``)."""
 
         def publish(
             msg_type: str,
@@ -145,7 +152,7 @@ class ModboxKernel(KernelSettings, Kernel):
                 self.iopub_socket,
                 msg_type,
                 content,
-                self._last_shell_parent,
+                self._last_shell_parent if parent is None else parent,
                 metadata=metadata,
                 buffers=list(buffers) if buffers else None,
             )
@@ -200,12 +207,7 @@ class ModboxKernel(KernelSettings, Kernel):
                 ],
             },
         )
-        relay = self._relay(silent=False)
-        try:
-            await self.sandbox.execute(request, relay.event)
-        except Exception as exc:  # a lost sandbox is reported by the next cell
-            self.log.warning("a comm message could not reach the sandbox: %s", exc)
-        relay.flush()
+        await self.comms.forward(request, parent)
 
     async def comm_info_request(self, stream: Any, ident: Any, parent: Any) -> None:
         comms: dict[str, Any] = {}
@@ -282,6 +284,7 @@ class ModboxKernel(KernelSettings, Kernel):
             output_limit=max(0, self.output_limit),
             parent_header=_header_of(self.get_parent("shell")),
         )
+        await self.comms.drained()  # comm messages sent before this cell go first
         relay = self._relay(silent)
         return await self.execution.run(cell, relay, limit)
 
