@@ -105,7 +105,9 @@ class CommForwarder:
             with contextlib.suppress(BaseException):
                 await self._worker
 
-    async def _work(self, queue: asyncio.Queue[tuple[protocol.CellRequest, dict[str, Any]]]) -> None:
+    async def _work(
+        self, queue: asyncio.Queue[tuple[protocol.CellRequest, dict[str, Any]]]
+    ) -> None:
         while True:
             request, parent = await queue.get()
             try:

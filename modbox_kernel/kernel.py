@@ -35,8 +35,8 @@ from ipykernel.kernelbase import Kernel
 
 from . import __version__, protocol
 from .cellcontrol import CellControl, InputCancelled, cell_time_limit
-from .errors import ModboxError
 from .commforward import CommForwarder, ParentOrder
+from .errors import ModboxError
 from .execution import CellExecution
 from .idleoutput import IdleOutput
 from .relay import OutputRelay
