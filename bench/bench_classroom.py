@@ -39,6 +39,20 @@ from jupyter_client.manager import KernelManager
 from modbox_kernel.local.owners import owner_token
 
 IDLE_ROUNDS = 10
+IDLE_CPU_SECONDS = 30.0
+
+
+def host_cpu_percent(seconds: float) -> float:
+    """CPU the whole host used over ``seconds``, in % of one core (nothing runs but
+    the idle class: the benchmark itself sleeps)."""
+    before = psutil.cpu_times()
+    time.sleep(seconds)
+    after = psutil.cpu_times()
+    busy = sum(
+        getattr(after, f) - getattr(before, f)
+        for f in ("user", "nice", "system", "irq", "softirq")
+    )
+    return 100.0 * busy / seconds
 
 
 def pct(values: list[float], q: float) -> float:
@@ -184,6 +198,7 @@ def measure(kernel: str, envs: list[dict[str, str]], every: float) -> dict[str, 
             figures[f"{label} max"] = max(starts)
             if label == "arriving":
                 time.sleep(2.0)  # the class settles
+                figures["idle cpu"] = host_cpu_percent(IDLE_CPU_SECONDS)
                 idle = [run(s.kc, "1+1") for _ in range(IDLE_ROUNDS) for s in students]
                 figures["idle p50"] = pct(idle, 50)
                 figures["idle p95"] = pct(idle, 95)
@@ -225,18 +240,31 @@ def main() -> int:
         ]
         python3 = measure("python3", [base] * args.students, args.every)
         modbox = measure("modbox-python", modbox_envs, args.every)
+        # The same idle class without the waiting request for between-cells output:
+        # the difference is what listening for it costs.
+        quiet_envs = [{**env, "MODBOX_IDLE_OUTPUT": "0"} for env in modbox_envs]
+        quiet = [Student("modbox-python", env) for env in quiet_envs]
+        try:
+            arrive_all(quiet, 0.0)
+            time.sleep(2.0)
+            no_listening = host_cpu_percent(IDLE_CPU_SECONDS)
+        finally:
+            for student in quiet:
+                student.leave()
     finally:
         service.terminate()
         service.wait(60)
     print(f"\n{args.students} students, one shared service at default settings")
     print(f"{'metric':40s}{'python3':>10s}{'modbox':>10s}{'ratio':>8s}")
     for key in python3:
-        unit = "MiB" if key == "memory" else "s"
+        unit = {"memory": "MiB", "idle cpu": "%"}.get(key, "s")
         p, m = python3[key], modbox[key]
         if unit == "s":
             shown = (
                 (f"{p * 1000:.0f}ms", f"{m * 1000:.0f}ms") if m < 1 else (f"{p:.2f}s", f"{m:.2f}s")
             )
+        elif unit == "%":
+            shown = (f"{p:.2f}%", f"{m:.2f}%")
         else:
             shown = (f"{p:.0f}MiB", f"{m:.0f}MiB")
         label = {
@@ -251,8 +279,14 @@ def main() -> int:
             "burst p50": "burst (all run a cell) p50",
             "burst p95": "burst (all run a cell) p95",
             "memory": "host memory per idle kernel (PSS)",
+            "idle cpu": "idle class: host CPU, % of one core",
         }[key]
-        print(f"{label:40s}{shown[0]:>10s}{shown[1]:>10s}{m / p:>7.2f}x")
+        ratio = f"{m / p:>7.2f}x" if p else "      -"
+        print(f"{label:40s}{shown[0]:>10s}{shown[1]:>10s}{ratio}")
+    print(
+        f"idle class without between-cells listening (MODBOX_IDLE_OUTPUT=0): {no_listening:.2f}% "
+        f"of one core; listening for it costs {modbox['idle cpu'] - no_listening:.2f}%"
+    )
     return 0
 
 

@@ -87,7 +87,7 @@ class ModboxKernel(KernelSettings, Kernel):
         # Threads' and timers' output while no cell runs, published as ipykernel does.
         self._last_shell_parent: dict[str, Any] = {}
         self._parents = ParentOrder()
-        self.idle_output = IdleOutput(self.sandbox, lambda: self._relay_under(None))
+        self.idle_listener = IdleOutput(self.sandbox, lambda: self._relay_under(None))
         self.comms = CommForwarder(self.sandbox, self._relay_under)
         self.cell_control = CellControl(self._interrupt_agent)
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
@@ -104,7 +104,8 @@ class ModboxKernel(KernelSettings, Kernel):
         # setting nothing starts: every cell says what to fix.
         if not self._env.problems:
             self.io_loop.add_callback(self.sandbox.start)
-            self.io_loop.add_callback(self.idle_output.start)
+            if self.idle_output:
+                self.io_loop.add_callback(self.idle_listener.start)
 
     @property
     def kernel_info(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from .errors import (
 )
 from .foldercopy import copy_folder
 from .keeper import SandboxKeeper, sweep
+from .loss import diagnose_loss
 from .notices import Notices
 from .protocol import CellRequest
 from .queueing import create_in_line, new_key
@@ -441,25 +442,7 @@ class SandboxSession:
         client = self._backend.current_client
         if client is None:
             return "the sandbox is gone"
-        # The agent can die a moment before the service records why (an OOM kill, a
-        # process limit); give it a short while to say so.
-        deadline = time.monotonic() + LOSS_DIAGNOSIS_WAIT
-        while True:
-            try:
-                detail = await client.get_sandbox(sandbox.info.id)
-            except NotFoundError:
-                return "the sandbox no longer exists (destroyed or expired)"
-            except ModboxError:
-                return "the sandbox stopped answering"
-            if detail.status == "destroyed":
-                # The service may say why (out of memory, process limit, TTL, deleted).
-                reason = detail.raw.get("error")
-                if isinstance(reason, str) and reason.strip():
-                    return f"the sandbox was destroyed: {reason.strip().rstrip('.')}"
-                return "the sandbox was destroyed (it may have reached its TTL or been deleted)"
-            if time.monotonic() >= deadline:
-                return "the Python process in the sandbox died (killed, or out of memory)"
-            await asyncio.sleep(0.2)
+        return await diagnose_loss(client, sandbox.info.id, LOSS_DIAGNOSIS_WAIT)
 
     def _forget(self, sandbox: _Sandbox, cause: str) -> None:
         if self._sandbox is sandbox:

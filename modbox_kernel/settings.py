@@ -94,6 +94,7 @@ SETTINGS: dict[str, Setting] = {
         "MODBOX_OUTPUT_LIMIT", "integer", 10 * 1024 * 1024, minimum=0, unit="of bytes"
     ),
     "copy_workdir": Setting("MODBOX_COPY_WORKDIR", "boolean", True),
+    "idle_output": Setting("MODBOX_IDLE_OUTPUT", "boolean", True),
     "copy_limit": Setting(
         "MODBOX_COPY_LIMIT", "integer", 32 * 1024 * 1024, minimum=0, unit="of bytes"
     ),
@@ -196,6 +197,11 @@ class KernelSettings(HasTraits):
         "sandbox, so relative paths such as 'data.csv' work as with a local kernel; hidden "
         "files are left out (env MODBOX_COPY_WORKDIR, 1 or 0)."
     ).tag(config=True)
+    idle_output = Bool(
+        help="Deliver what the sandbox prints or displays while no cell runs (threads, "
+        "timers, widgets changed from a thread), as a local kernel does; costs one waiting "
+        "request per idle kernel every 50 s (env MODBOX_IDLE_OUTPUT, 1 or 0)."
+    ).tag(config=True)
     copy_limit = Int(
         help="Copy the notebook's folder only if its files total at most this many bytes "
         "(env MODBOX_COPY_LIMIT)."
@@ -240,6 +246,10 @@ class KernelSettings(HasTraits):
     @default("copy_workdir")
     def _default_copy_workdir(self) -> bool:
         return self._env.flag("copy_workdir")
+
+    @default("idle_output")
+    def _default_idle_output(self) -> bool:
+        return self._env.flag("idle_output")
 
     @default("copy_limit")
     def _default_copy_limit(self) -> int:
