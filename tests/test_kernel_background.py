@@ -26,6 +26,7 @@ from kernel_helpers import (
     execute_notebook,
     pump,
     run_cell,
+    submit,
 )
 from nbclient import NotebookClient
 
@@ -223,3 +224,60 @@ def test_nbclient_runs_the_output_widget_pattern_without_stalling(
         # The first cell of modbox waits for its sandbox.
         slowest[name] = max(slowest.get(name, 0.0), *times[1:])
     assert slowest[KERNEL_NAME] < 2.0, slowest
+
+
+def _value(kernel: Kernel, code: str) -> Any:
+    run = run_cell(kernel.kc, code)
+    assert run.status == "ok", run.describe()
+    results = [
+        m["content"]["data"]["text/plain"] for m in run.outputs if m["msg_type"] == "execute_result"
+    ]
+    return results[0] if results else run.stdout
+
+
+def test_tasks_a_cell_starts_run_on_while_the_kernel_is_idle(both: dict[str, Kernel]) -> None:
+    code = (
+        "import asyncio\n"
+        "async def later():\n"
+        "    await asyncio.sleep(0.3)\n"
+        "    return 'finished while idle'\n"
+        "task = asyncio.ensure_future(later())"
+    )
+    for kernel in both.values():
+        _value(kernel, code)
+    time.sleep(1.5)  # nothing is sent: the kernels are idle
+    seen = {
+        name: _value(k, "task.done(), task.result() if task.done() else None")
+        for name, k in both.items()
+    }
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL] == "(True, 'finished while idle')"
+
+
+def test_cells_run_inside_a_running_event_loop(both: dict[str, Kernel]) -> None:
+    cells = [
+        "import asyncio\nasyncio.get_event_loop().is_running()",
+        "async def one():\n    return 1\n"
+        "try:\n    asyncio.run(one())\n"
+        "except RuntimeError as exc:\n    print(type(exc).__name__, exc)",
+        "await asyncio.sleep(0.05)\nvalue = await one()\nvalue",
+        "%gui asyncio",
+    ]
+    seen = {name: [_value(k, code) for code in cells] for name, k in both.items()}
+    assert seen[KERNEL_NAME] == seen[REFERENCE_KERNEL]
+    assert seen[KERNEL_NAME][0] == "True" and seen[KERNEL_NAME][2] == "1"
+
+
+def test_an_interrupt_stops_an_awaiting_cell_and_the_kernel_goes_on(
+    both: dict[str, Kernel],
+) -> None:
+    """Modbox only: the stock kernel itself misses such an interrupt now and then (no
+    reply within 20 s in one of our runs), so there is no stable reference. When it
+    does stop the cell, its error is CancelledError (the interrupt cancels the awaiting
+    task, which raises in the user's ``await``): the same here."""
+    kernel = both[KERNEL_NAME]
+    run = submit(kernel.kc, "import asyncio\nprint('waiting', flush=True)\nawait asyncio.sleep(60)")
+    assert pump(kernel.kc, run, lambda: "waiting" in run.stdout, 30), run.describe()
+    kernel.km.interrupt_kernel()
+    assert pump(kernel.kc, run, lambda: run.done, 20), run.describe()
+    assert run.reply["content"]["ename"] == "CancelledError", run.describe()
+    assert _value(kernel, "40 + 2") == "42"

@@ -9,7 +9,9 @@ user code's display machinery calls :meth:`emit`.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -71,6 +73,8 @@ class Agent:
         self._critical_depth = 0
         self._sigint_pending = False
         self.mode = "starting"
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._sigint_task: Any = None
         self.version = agent_version()
         self.ipython_version = _ipython_version_without_import()
 
@@ -92,6 +96,10 @@ class Agent:
     def on_sigint(self, signum: int, frame: Any) -> None:
         """SIGINT handler: KeyboardInterrupt only in user code, never in the agent's."""
         if not self.in_user_code:
+            return
+        task = self._sigint_task
+        if task is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(task.cancel)
             return
         if self._critical_depth:
             self._sigint_pending = True
@@ -189,14 +197,45 @@ class Agent:
         warm.start()
 
     def main_loop(self) -> None:
+        """Serve the work queue on an asyncio loop that runs for the agent's life.
+
+        As in the stock kernel, cells run while an event loop is running: a cell sees
+        ``asyncio.get_event_loop().is_running()``, ``asyncio.run()`` in a cell raises,
+        and tasks a cell starts (``asyncio.ensure_future``) go on running between
+        cells, while the loop waits for the next piece of work.
+        """
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        # One thread blocks on the queue the server threads fill, for the loop.
+        waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modbox-work")
         while True:
-            item = self.work.get()
+            try:
+                loop.run_until_complete(self._serve(loop, waiter))
+            except BaseException:  # only a SIGINT in the loop's own code gets here
+                log.exception("the agent's work loop stopped; serving again")
+
+    async def _serve(
+        self, loop: asyncio.AbstractEventLoop, waiter: concurrent.futures.Executor
+    ) -> None:
+        while True:
+            item = await loop.run_in_executor(waiter, self.work.get)
             if isinstance(item, Cell):
-                self._run_cell(item)
+                await self._run_cell(item)
             else:
                 item.run()
 
-    def _run_cell(self, cell: Cell) -> None:
+    @contextlib.contextmanager
+    def sigint_cancels(self, task: Any) -> Iterator[None]:
+        """While ``task`` (an awaiting cell) runs, a SIGINT cancels it instead of raising
+        in whatever the loop happens to run (ipykernel's ``_cancel_on_sigint``)."""
+        self._sigint_task = task
+        try:
+            yield
+        finally:
+            self._sigint_task = None
+
+    async def _run_cell(self, cell: Cell) -> None:
         runner = self.runner
         assert runner is not None
         with self.io.lock:
@@ -216,7 +255,7 @@ class Agent:
                     if cell.comm is not None:
                         done = comms.run_comm(self.comm_manager, cell)
                     else:
-                        done = runner.run(cell)
+                        done = await runner.run_async(cell)
                 finally:
                     self.in_user_code = False
         except BaseException as exc:

@@ -42,6 +42,15 @@ class FallbackRunner(Runner):
 
     # -- running
     def run(self, cell: Cell) -> Dict[str, Any]:
+        """Run the cell on a loop of its own (the agent calls :meth:`run_async`)."""
+        import asyncio
+
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        result: Dict[str, Any] = self.loop.run_until_complete(self.run_async(cell))
+        return result
+
+    async def run_async(self, cell: Cell) -> Dict[str, Any]:
         import linecache
 
         n = cell.execution_count
@@ -51,7 +60,7 @@ class FallbackRunner(Runner):
         if cell.store_history and not cell.silent:
             self.records.append([self.session, n, cell.code])
         try:
-            self._exec(cell, filename)
+            await self._exec(cell, filename)
             self._flush_figures()
         except BaseException as exc:
             err = format_exception(exc)
@@ -63,7 +72,7 @@ class FallbackRunner(Runner):
             "payload": [],
         }
 
-    def _exec(self, cell: Cell, filename: str) -> None:
+    async def _exec(self, cell: Cell, filename: str) -> None:
         import ast
 
         flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
@@ -72,10 +81,10 @@ class FallbackRunner(Runner):
         if tree.body and isinstance(tree.body[-1], ast.Expr) and not cell.silent:
             last = tree.body.pop().value  # type: ignore[attr-defined]
         body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
-        self._eval(body)
+        await self._eval(body)
         if last is not None:
             expr = compile(ast.Expression(last), filename, "eval", flags=flags, dont_inherit=True)
-            value = self._eval(expr)
+            value = await self._eval(expr)
             if value is not None:
                 self.ns["_"] = value
                 self.agent.emit(
@@ -86,14 +95,17 @@ class FallbackRunner(Runner):
                     }
                 )
 
-    def _eval(self, code: types.CodeType) -> Any:
+    async def _eval(self, code: types.CodeType) -> Any:
         result = eval(code, self.ns)
         if code.co_flags & 0x80:  # CO_COROUTINE: the cell used top-level await
             import asyncio
 
-            if self.loop is None:
-                self.loop = asyncio.new_event_loop()
-            result = self.loop.run_until_complete(result)
+            task = asyncio.ensure_future(result)  # on the agent's running loop
+            with self.agent.sigint_cancels(task):  # an interrupt cancels, never raises
+                try:
+                    result = await task
+                except asyncio.CancelledError:
+                    raise KeyboardInterrupt from None
         return result
 
     _REPR_METHODS = (

@@ -8,6 +8,7 @@ compiler names cells as ipykernel does (``naming``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -226,12 +227,57 @@ def make_ipython_runner(agent: Agent) -> Runner:
                     shell.safe_execfile_ipy(path)
 
         def run(self, cell: Cell) -> Dict[str, Any]:
+            self._before(cell)
+            res = self.shell.run_cell(
+                cell.code, store_history=cell.store_history, silent=cell.silent
+            )
+            return self._reply(cell, res)
+
+        async def run_async(self, cell: Cell) -> Dict[str, Any]:
+            """As ipykernel: a cell with top-level ``await`` runs as a task of the
+            agent's loop (so it can await what other tasks do); any other cell runs
+            synchronously, inside that running loop."""
+            shell = self.shell
+            try:
+                transformed = shell.transform_cell(cell.code)
+                preprocessing_exc = None
+            except Exception:
+                transformed = cell.code
+                preprocessing_exc = sys.exc_info()
+            if not shell.should_run_async(
+                cell.code,
+                transformed_cell=transformed,
+                preprocessing_exc_tuple=preprocessing_exc,
+            ):
+                return self.run(cell)
+            self._before(cell)
+            shell._last_traceback = None
+            shell._last_traceback_during_displayhook = False
+            task = asyncio.ensure_future(
+                shell.run_cell_async(
+                    cell.code,
+                    store_history=cell.store_history,
+                    silent=cell.silent,
+                    transformed_cell=transformed,
+                    preprocessing_exc_tuple=preprocessing_exc,
+                )
+            )
+            with agent.sigint_cancels(task):
+                try:
+                    res = await task
+                except asyncio.CancelledError:
+                    raise KeyboardInterrupt from None
+            return self._reply(cell, res)
+
+        def _before(self, cell: Cell) -> None:
             shell = self.shell
             # The kernel owns the count: tracebacks and Out[n] must show its number.
             shell.execution_count = cell.execution_count
             if cell.store_history and not cell.silent:
                 self._align_input_history(cell.execution_count)
-            res = shell.run_cell(cell.code, store_history=cell.store_history, silent=cell.silent)
+
+        def _reply(self, cell: Cell, res: Any) -> Dict[str, Any]:
+            shell = self.shell
             reply: Dict[str, Any] = {}
             during_dh = getattr(shell, "_last_traceback_during_displayhook", False)
             if res.success and not during_dh:

@@ -22,6 +22,11 @@ class Runner:
         """Run the cell; return the ``done`` fields (status, user_expressions, payload…)."""
         raise NotImplementedError
 
+    async def run_async(self, cell: Cell) -> Dict[str, Any]:
+        """Run the cell on the agent's event loop (which is running meanwhile, as the
+        stock kernel's is); by default synchronously, as :meth:`run`."""
+        return self.run(cell)
+
     def complete(self, code: str, cursor_pos: int, *, quick: bool = False) -> Dict[str, Any]:
         """Completions at ``cursor_pos``; ``quick``: only what needs no slow warm-up."""
         raise NotImplementedError
