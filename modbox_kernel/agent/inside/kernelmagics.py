@@ -47,9 +47,8 @@ def check_gui(gui: Optional[str]) -> None:
 
     Unknown names get the stock kernel's message. Desktop toolkits (Qt, Tk, GTK, wx,
     macOS) need a display the sandbox does not have: one sentence instead of a
-    toolkit's import error. ``asyncio`` is accepted as the stock kernel accepts it;
-    top-level ``await`` works in cells, but no event loop runs in or between cells
-    yet, so tasks started with ``ensure_future`` do not progress as they do there.
+    toolkit's import error. ``asyncio`` is accepted: cells already run inside the
+    agent's asyncio loop, as ``%gui asyncio`` gives under the stock kernel.
     """
     from IPython.core.error import UsageError
 
