@@ -75,6 +75,7 @@ class Agent:
         self.mode = "starting"
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._sigint_task: Any = None
+        self._next_work: Optional[asyncio.Future[Any]] = None
         self.version = agent_version()
         self.ipython_version = _ipython_version_without_import()
 
@@ -219,7 +220,12 @@ class Agent:
         self, loop: asyncio.AbstractEventLoop, waiter: concurrent.futures.Executor
     ) -> None:
         while True:
-            item = await loop.run_in_executor(waiter, self.work.get)
+            # Kept across a restart of this coroutine: the waiting thread may already
+            # have taken the next item off the queue for it.
+            if self._next_work is None:
+                self._next_work = loop.run_in_executor(waiter, self.work.get)
+            item = await self._next_work
+            self._next_work = None
             if isinstance(item, Cell):
                 await self._run_cell(item)
             else:
