@@ -8,7 +8,7 @@ ipykernel's restore would then hand a stale parent to the *next* request (its id
 status went out under an old request, and nbclient waited out its IOPub timeout).
 
 Who calls what, and when: the kernel's comm handler calls :meth:`CommForwarder.forward`
-for each comm message. While no cell runs it is sent and awaited as before, so what its
+for each comm message. While no cell runs (and none is queued) it is sent and awaited, so what its
 handlers print lands between the message's busy and idle, as under ipykernel. While a
 cell runs it is queued and the handler returns at once; one task sends the queue in
 order, each message's output published under that message (its own relay, with an
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -81,29 +80,26 @@ class CommForwarder:
         self._relay_for = relay_for
         self._queue: asyncio.Queue[tuple[protocol.CellRequest, dict[str, Any]]] | None = None
         self._worker: asyncio.Task[None] | None = None
+        # Queued messages not yet handled, the one being sent included: while there
+        # are any, a new message queues behind them even if no cell runs.
+        self._backlog = 0
 
     async def forward(self, request: protocol.CellRequest, parent: dict[str, Any]) -> None:
         """Send ``request`` (the comm message ``parent``) now, or queue it behind the cell."""
-        queue = self._queue
-        if self._session.running_cell is None and (queue is None or queue.empty()):
+        if self._session.running_cell is None and not self._backlog:
             await self._send(request, parent)
             return
-        if queue is None:
-            queue = self._queue = asyncio.Queue()
+        if self._queue is None:
+            self._queue = asyncio.Queue()
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.ensure_future(self._work(queue))
-        queue.put_nowait((request, parent))
+            self._worker = asyncio.ensure_future(self._work(self._queue))
+        self._backlog += 1
+        self._queue.put_nowait((request, parent))
 
     async def drained(self) -> None:
         """Return once every queued comm message has been handled in the sandbox."""
         if self._queue is not None:
             await self._queue.join()
-
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(BaseException):
-                await self._worker
 
     async def _work(
         self, queue: asyncio.Queue[tuple[protocol.CellRequest, dict[str, Any]]]
@@ -113,6 +109,7 @@ class CommForwarder:
             try:
                 await self._send(request, parent)
             finally:
+                self._backlog -= 1
                 queue.task_done()
 
     async def _send(self, request: protocol.CellRequest, parent: dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ one exec a second between them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -56,12 +55,6 @@ class IdleOutput:
         """Start listening (on the kernel's event loop; idempotent)."""
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._listen())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
 
     async def _listen(self) -> None:
         sandbox: Any = None

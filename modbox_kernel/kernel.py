@@ -27,6 +27,7 @@ import os
 import platform
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -39,7 +40,7 @@ from .commforward import CommForwarder, ParentOrder
 from .errors import ModboxError
 from .execution import CellExecution
 from .idleoutput import IdleOutput
-from .relay import OutputRelay
+from .relay import OutputRelay, Publish
 from .session import SandboxSession, SessionConfig
 from .settings import EnvSettings, KernelSettings
 
@@ -136,10 +137,8 @@ class ModboxKernel(KernelSettings, Kernel):
             # last shell request (a global beside the per-task context): so do we.
             self._last_shell_parent = parent
 
-    def _relay_under(self, parent: dict[str, Any] | None) -> OutputRelay:
-        """A relay publishing under ``parent``: a queued comm message (``commforward``),
-        or with None the last shell request at the time of sending -- for what the
-        sandbox produced while no cell ran (``idleoutput``)."""
+    def _publisher(self, parent: Callable[[], dict[str, Any]]) -> Publish:
+        """An IOPub publish function; ``parent()`` gives each message's parent."""
 
         def publish(
             msg_type: str,
@@ -153,28 +152,24 @@ class ModboxKernel(KernelSettings, Kernel):
                 self.iopub_socket,
                 msg_type,
                 content,
-                self._last_shell_parent if parent is None else parent,
+                parent(),
                 metadata=metadata,
                 buffers=list(buffers) if buffers else None,
             )
 
+        return publish
+
+    def _relay_under(self, parent: dict[str, Any] | None) -> OutputRelay:
+        """A relay publishing under ``parent``: a queued comm message (``commforward``),
+        or with None the last shell request at the time of sending -- for what the
+        sandbox produced while no cell ran (``idleoutput``)."""
+        publish = self._publisher(lambda: self._last_shell_parent if parent is None else parent)
         return OutputRelay(publish, silent=False, output_limit=max(0, self.output_limit))
 
     def _relay(self, silent: bool) -> OutputRelay:
-        """The relay of one request's output to IOPub."""
-
-        def publish(
-            msg_type: str,
-            content: dict[str, Any],
-            metadata: dict[str, Any] | None,
-            buffers: list[bytes] | None,
-        ) -> None:
-            self.send_response(
-                self.iopub_socket, msg_type, content, metadata=metadata, buffers=buffers
-            )
-
+        """The relay of one request's output to IOPub (under the request being handled)."""
         return OutputRelay(
-            publish,
+            self._publisher(lambda: self.get_parent("shell")),
             silent=silent,
             output_limit=max(0, self.output_limit),
             execution_count=self.execution_count,

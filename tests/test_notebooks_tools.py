@@ -72,6 +72,29 @@ def _papermill(
     )
 
 
+def _nbconvert(
+    notebook: Path, output: str, env: Mapping[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """``jupyter nbconvert --to notebook --execute`` on the kernel under test, into ``cwd``."""
+    return _run(
+        [
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            f"--ExecutePreprocessor.kernel_name={KERNEL_NAME}",
+            f"--ExecutePreprocessor.startup_timeout={STARTUP_TIMEOUT}",
+            "--ExecutePreprocessor.timeout=300",
+            f"--output-dir={cwd}",
+            f"--output={output}",
+            str(notebook),
+        ],
+        env,
+        cwd,
+    )
+
+
 def _explain(proc: subprocess.CompletedProcess[str]) -> str:
     return (
         f"exit {proc.returncode}\n"
@@ -100,23 +123,7 @@ def _code_cells(nb: Any) -> list[Any]:
 
 def test_nbconvert_execute_quickstart_with_embedded_backend(tmp_path: Path) -> None:
     env = embedded_env()  # no MODBOX_API_TOKEN: the kernel starts its own service
-    proc = _run(
-        [
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            f"--ExecutePreprocessor.kernel_name={KERNEL_NAME}",
-            f"--ExecutePreprocessor.startup_timeout={STARTUP_TIMEOUT}",
-            "--ExecutePreprocessor.timeout=300",
-            f"--output-dir={tmp_path}",
-            "--output=quickstart-executed",
-            str(NOTEBOOKS / "quickstart.ipynb"),
-        ],
-        env,
-        cwd=tmp_path,
-    )
+    proc = _nbconvert(NOTEBOOKS / "quickstart.ipynb", "quickstart-executed", env, tmp_path)
     assert proc.returncode == 0, _explain(proc)
 
     nb = read_notebook(tmp_path / "quickstart-executed.ipynb")
@@ -235,19 +242,7 @@ def test_a_course_notebook_starting_with_autosave_runs_without_errors(
     in_path, out_path = tmp_path / "lesson.ipynb", tmp_path / "lesson-out.ipynb"
     _course_notebook(in_path)
     if tool == "nbconvert":
-        args = [
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            f"--ExecutePreprocessor.kernel_name={KERNEL_NAME}",
-            f"--ExecutePreprocessor.startup_timeout={STARTUP_TIMEOUT}",
-            f"--output-dir={tmp_path}",
-            "--output=lesson-out",
-            str(in_path),
-        ]
-        proc = _run(args, env_for_kernel(request), cwd=tmp_path)
+        proc = _nbconvert(in_path, "lesson-out", env_for_kernel(request), tmp_path)
     else:
         proc = _papermill([str(in_path), str(out_path)], env_for_kernel(request), cwd=tmp_path)
     assert proc.returncode == 0, _explain(proc)

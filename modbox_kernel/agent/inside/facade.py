@@ -62,9 +62,10 @@ class _Session:
         metadata: Optional[Dict[str, Any]] = None,
     ) -> Dict[str, Any]:
         parent = parent or {}
+        header = header or self.msg_header(msg_type)
         return {
-            "header": header or self.msg_header(msg_type),
-            "msg_id": (header or {}).get("msg_id", uuid.uuid4().hex),
+            "header": header,
+            "msg_id": header.get("msg_id"),
             "msg_type": msg_type,
             "parent_header": parent.get("header", parent),
             "content": dict(content or {}),
