@@ -14,7 +14,7 @@ import contextlib
 import logging
 
 from .api import ModboxClient, destroy_sandbox_blocking
-from .embedded import EmbeddedService
+from .embedded import EmbeddedService, discard_early
 from .errors import ProvisioningError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ class Backend:
         self._workspace_id = workspace_id
         self._service: EmbeddedService | None = None
         self._client: ModboxClient | None = None
+        if not local:
+            discard_early()  # the environment said local, the configuration says remote
 
     @property
     def current_client(self) -> ModboxClient | None:

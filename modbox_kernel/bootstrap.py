@@ -1,8 +1,9 @@
 """Putting the agent into a new sandbox and starting it there (or starting it again).
 
-Who calls what, and when: the session (``session.py``) calls :func:`install_agent` and
-then :func:`start_agent` while it provisions a sandbox, and :func:`restart_agent` when
-the kernel gives up on a cell that ignored its interrupt. The agent is the one-file
+Who calls what, and when: the session (``session.py``) calls :func:`adopt_agent` while
+it provisions a sandbox, and when there is no agent to adopt :func:`install_agent` and
+then :func:`start_agent`; it calls :func:`restart_agent` when the kernel gives up on a
+cell that ignored its interrupt. The agent is the one-file
 artifact built by ``modbox_kernel.agent``; its start line is one JSON object
 (``docs/agent-protocol.md``).
 """
@@ -18,6 +19,38 @@ from . import agent as agent_mod
 from .api import SandboxRuntime
 from .errors import AgentError
 from .uploads import put_file, tail
+
+
+async def adopt_agent(
+    runtime: SandboxRuntime, advert: Any
+) -> tuple[str, str, dict[str, Any]] | None:
+    """The agent a service started in advance, if it is ours and unused; else None.
+
+    ``advert`` is the sandbox detail's ``agent`` field, an extension of the local
+    service's pool (``modbox_kernel/local/pool.py``); the documented API has no such
+    field, and then this returns None at once. The agent itself must confirm that it
+    runs this kernel's version and that no cell ever reached it (``pristine``): a
+    kernel never inherits another's namespace. Returns (state dir, agent file, info).
+    """
+    if not isinstance(advert, dict) or advert.get("version") != agent_mod.AGENT_VERSION:
+        return None
+    state_dir, agent_file = advert.get("state_dir"), advert.get("agent_file")
+    if not isinstance(state_dir, str) or not isinstance(agent_file, str):
+        return None
+    res = await runtime.exec(agent_mod.request_command(state_dir, {"op": "info"}))
+    try:
+        answer = json.loads(res.stdout.strip() or "null")
+    except ValueError:
+        answer = None
+    info = answer.get("reply") if isinstance(answer, dict) and answer.get("ok") else None
+    if (
+        res.exit_code != 0
+        or not isinstance(info, dict)
+        or info.get("agent_version") != agent_mod.AGENT_VERSION
+        or info.get("pristine") is not True
+    ):
+        return None
+    return state_dir, agent_file, dict(info)
 
 
 async def install_agent(runtime: SandboxRuntime) -> tuple[str, str]:

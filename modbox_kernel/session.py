@@ -276,11 +276,20 @@ class SandboxSession:
             info = info.merged(detail)
             runtime = client.runtime(info, api_key)
             # The whole start, agent included, fits in MODBOX_STARTUP_TIMEOUT.
-            state_dir, agent_file = await asyncio.wait_for(bootstrap.install_agent(runtime), left())
-            uploads_at = bootstrap.upload_dir(state_dir, agent_file)
-            starting = asyncio.wait_for(
-                bootstrap.start_agent(runtime, state_dir, agent_file), left()
+            adopted = await asyncio.wait_for(
+                bootstrap.adopt_agent(runtime, info.raw.get("agent")), left()
             )
+            if adopted is not None:
+                state_dir, agent_file, started = adopted
+                starting: Awaitable[dict[str, Any]] = _ready(started)
+            else:
+                state_dir, agent_file = await asyncio.wait_for(
+                    bootstrap.install_agent(runtime), left()
+                )
+                starting = asyncio.wait_for(
+                    bootstrap.start_agent(runtime, state_dir, agent_file), left()
+                )
+            uploads_at = bootstrap.upload_dir(state_dir, agent_file)
             copy_notice = None
             if packing is None or cfg.copy_folder is None:
                 agent_info = await starting
@@ -488,6 +497,10 @@ async def _destroyed(client: ModboxClient, sandbox: _Sandbox) -> None:
     with contextlib.suppress(Exception):
         await client.destroy_sandbox(sandbox.info.id)
     sandbox.keeper.release()
+
+
+async def _ready(value: dict[str, Any]) -> dict[str, Any]:
+    return value
 
 
 def _number(value: Any) -> float:

@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 from datetime import datetime, timezone
@@ -37,6 +38,7 @@ from .check import run_check
 from .config import DEFAULT_SANDBOX_UID, GIB, MIB, Limits, ServiceConfig
 from .isolation import StartupError, choose_jail
 from .orphans import become_subreaper
+from .pool import Pool
 from .registry import Registry
 from .shapes import builtin_image
 from .stale import make_state_dir, reap_stale_state_dirs
@@ -181,6 +183,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(an extension kernels opt into; 0 turns leases off; default 50)",
     )
     parser.add_argument(
+        "--pool",
+        type=int,
+        default=int(env.get("MODBOX_LOCAL_POOL") or 0),
+        help="sandboxes kept ready with the Python agent already started, so a kernel's "
+        "start does not wait for a jail and IPython's import (default: $MODBOX_LOCAL_POOL, "
+        "else 0; each counts against the memory budget like a live sandbox)",
+    )
+    parser.add_argument(
+        "--pool-once",
+        action="store_true",
+        help="fill the pool at startup only, never refill it (the kernel's embedded "
+        "service: one sandbox ready for the kernel's first cell)",
+    )
+    parser.add_argument(
         "--min-ttl",
         type=int,
         default=60,
@@ -257,10 +273,30 @@ async def _serve(
     if state.base_url != listen_url:
         log.info("advertising %s in sandbox URLs", state.base_url)
     watcher = asyncio.create_task(_watch_parent(server, parent)) if parent else None
+    if parent:
+        # The kernel that started us stops us with SIGTERM and waits for our exit, and
+        # a restart waits for that kernel: uvicorn's graceful shutdown polls twice at
+        # 0.1 s for HTTP connections its one client has already closed. Destroy the
+        # sandboxes and go (a request still in flight would find its sandbox gone).
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: asyncio.ensure_future(_terminate(state))
+        )
     await serving
     if watcher is not None:
         watcher.cancel()
     return 0
+
+
+async def _terminate(state: ServiceState) -> None:
+    """SIGTERM of an embedded service: every sandbox destroyed, state removed, exit."""
+    try:
+        await state.registry.close()
+        for path in state.remove_on_exit:
+            await asyncio.to_thread(shutil.rmtree, path, True)
+        log.info("terminated; every sandbox destroyed")
+    finally:
+        logging.shutdown()
+        os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,12 +370,16 @@ def main(argv: list[str] | None = None) -> int:
             note += f"; RLIMIT_AS {limits.address_space // MIB} MiB per process"
         log.info("state dir %s; resource limits: %s", config.state_dir, note)
         log.info("sandboxes run as %s", jail.privilege.describe())
+        registry = Registry(config, jail, cgroups)
+        image = builtin_image(datetime.now(timezone.utc))
+        if args.pool > 0:
+            registry.pool = Pool(registry, image.image, args.pool, refill=not args.pool_once)
         state = ServiceState(
             config=config,
-            registry=Registry(config, jail, cgroups),
+            registry=registry,
             isolation=jail.mode,
             limits_note=note,
-            image=builtin_image(datetime.now(timezone.utc)),
+            image=image,
             base_url=(args.public_url or "").rstrip("/")
             or _base_url(config.host, sock.getsockname()[1]),
             remove_on_exit=[state_dir] if temporary else [],

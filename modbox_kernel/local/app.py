@@ -1,8 +1,8 @@
 """The Starlette application: routes, request ids, error envelope, lifespan.
 
 Who calls it: ``__main__`` calls :func:`build_app` with the :class:`ServiceState` and
-serves the result with uvicorn. The lifespan runs the TTL reaper and, on shutdown,
-destroys every sandbox.
+serves the result with uvicorn. The lifespan runs the TTL reaper, fills the pool
+(``pool``) and, on shutdown, destroys every sandbox.
 
 Error handling: route code raises ``ServiceError`` for answers it means; Starlette's
 own HTTP errors (unknown route, wrong method, broken multipart) become envelopes too;
@@ -171,6 +171,8 @@ def build_app(state: ServiceState) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reaper = asyncio.create_task(state.registry.run_reaper(), name="ttl-reaper")
+        if state.registry.pool is not None:
+            state.registry.pool.start()
         try:
             yield
         finally:

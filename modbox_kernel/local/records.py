@@ -68,6 +68,10 @@ class Sandbox:
     # renewals keep coming (``Registry.renew_lease``); 0 = no lease, the TTL alone.
     lease_seconds: float = 0.0
     lease_until: float = 0.0  # time.monotonic() the lease lapses at
+    # Made in advance by the pool (``pool``): hidden from every query until a create
+    # takes it over. ``agent`` says where the agent the pool started lives.
+    pooled: bool = False
+    agent: dict[str, str] | None = None
 
     def lease_lapsed(self, now: float | None = None) -> bool:
         """Whether this sandbox's holder stopped renewing its lease."""

@@ -42,7 +42,7 @@ import shutil
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import orphans
 from .admission import admit, admit_owner, host_memory_available
@@ -66,6 +66,9 @@ from .records import (
 from .units import human_bytes
 from .usage import UsageBook
 from .waitline import WaitLine
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 __all__ = [
     "DESTROYED",
@@ -105,6 +108,8 @@ class Registry:
         self._line = WaitLine()
         # What each owner's sandboxes used (``usage``).
         self.usage = UsageBook()
+        # Sandboxes made in advance (``pool``), when the service keeps any.
+        self.pool: Pool | None = None
 
     # -- queries ---------------------------------------------------------------
 
@@ -113,7 +118,7 @@ class Registry:
 
     def get(self, sandbox_id: str, owner: str | None = None) -> Sandbox:
         sandbox = self._sandboxes.get(sandbox_id)
-        if sandbox is None or (owner is not None and sandbox.owner != owner):
+        if sandbox is None or sandbox.pooled or (owner is not None and sandbox.owner != owner):
             raise not_found(sandbox_id)
         return sandbox
 
@@ -122,7 +127,7 @@ class Registry:
         matches = [
             s
             for s in self._sandboxes.values()
-            if s.name == name and (owner is None or s.owner == owner)
+            if s.name == name and not s.pooled and (owner is None or s.owner == owner)
         ]
         live = [s for s in matches if s.status != DESTROYED]
         if live:
@@ -137,15 +142,20 @@ class Registry:
         items = [
             s
             for s in self._sandboxes.values()
-            if (status is None or s.status == status) and (owner is None or s.owner == owner)
+            if (status is None or s.status == status)
+            and not s.pooled
+            and (owner is None or s.owner == owner)
         ]
         return list(reversed(items))  # newest first
 
-    def live_count(self, owner: str | None = None) -> int:
+    def live_count(self, owner: str | None = None, *, pooled: bool = True) -> int:
+        """Live sandboxes (of ``owner``); the pool's count for the host's admission."""
         return sum(
             1
             for s in self._sandboxes.values()
-            if s.status != DESTROYED and (owner is None or s.owner == owner)
+            if s.status != DESTROYED
+            and (owner is None or s.owner == owner)
+            and (pooled or not s.pooled)
         )
 
     def idempotent_response(self, key: str) -> dict[str, Any] | None:
@@ -158,7 +168,12 @@ class Registry:
     # -- create ----------------------------------------------------------------
 
     def create(
-        self, request: ProvisionInput, *, queue_key: str | None = None, owner: str | None = None
+        self,
+        request: ProvisionInput,
+        *,
+        queue_key: str | None = None,
+        owner: str | None = None,
+        pooled: bool = False,
     ) -> Sandbox:
         """Register a sandbox and start its jail in the background.
 
@@ -182,6 +197,11 @@ class Registry:
             )
         if owner is not None:
             admit_owner(owner, self.live_count(owner), self.config.limits)
+        if self.pool is not None and not pooled:
+            # A sandbox made in advance already holds its place in the host's budget.
+            taken = self.pool.hand_over(request, name, owner)
+            if taken is not None:
+                return taken
         admit(
             self.live_count(),
             self.config.limits,
@@ -214,9 +234,10 @@ class Registry:
             workspace_path=self.jail.workspace_path(spec),
             env_vars=request.env_vars,
             owner=owner,
+            pooled=pooled,
         )
         self._sandboxes[sandbox_id] = sandbox
-        sandbox.start_task = self._spawn(self._start(sandbox), f"start-{sandbox_id}")
+        sandbox.start_task = self.spawn(self._start(sandbox), f"start-{sandbox_id}")
         log.info("sandbox %s (%s) provisioning", sandbox_id, name)
         return sandbox
 
@@ -230,6 +251,9 @@ class Registry:
             del self._idempotent[key]
 
     async def _start(self, sandbox: Sandbox) -> None:
+        # A pooled sandbox goes running at its handover (``pool``), which may come
+        # while its jail still starts: decide now, not after the awaits below.
+        announce = not sandbox.pooled
         try:
             sandbox.cgroup = await asyncio.to_thread(self.cgroups.create, sandbox.id)
             spec = JailSpec(
@@ -265,9 +289,9 @@ class Registry:
             reason = str(exc) if isinstance(exc, JailGone) else f"{type(exc).__name__}: {exc}"
             log.error("sandbox %s failed to start: %s", sandbox.id, reason)
             sandbox.error = f"provisioning failed: {reason}"
-            self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+            self.spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
             return
-        if sandbox.status == PROVISIONING:
+        if announce and sandbox.status == PROVISIONING:
             sandbox.set_status(RUNNING)
             log.info("sandbox %s running (jail pid %s)", sandbox.id, sandbox.jail.pid)
 
@@ -279,7 +303,7 @@ class Registry:
             return
         sandbox.error = sandbox.error or jail.describe_exit()
         log.warning("sandbox %s stopped unexpectedly: %s", sandbox.id, sandbox.error)
-        self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+        self.spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
 
     def _end_if_oom(self, sandbox: Sandbox) -> bool:
         """Destroy a sandbox whose memory cgroup saw an OOM kill; True if it did (or had)."""
@@ -308,7 +332,7 @@ class Registry:
         # Mark it destroyed now, synchronously, so no exec slips in before the teardown.
         sandbox.destroyed_at = utcnow()
         sandbox.set_status(DESTROYED)
-        self._spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
+        self.spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
 
     # -- wait ------------------------------------------------------------------
 
@@ -330,8 +354,12 @@ class Registry:
 
     # -- exec ------------------------------------------------------------------
 
-    async def exec(self, sandbox: Sandbox, command: str, timeout: float) -> dict[str, Any]:
-        if sandbox.status == PROVISIONING:
+    async def exec(
+        self, sandbox: Sandbox, command: str, timeout: float, *, internal: bool = False
+    ) -> dict[str, Any]:
+        """Run ``command`` in the sandbox; ``internal``: the pool prepares a sandbox
+        that is still provisioning (hidden) for whoever will take it."""
+        if sandbox.status == PROVISIONING and not internal:
             raise ServiceError(
                 409,
                 "sandbox_not_ready",
@@ -444,11 +472,11 @@ class Registry:
                 if sandbox.status != DESTROYED and sandbox.expires_at <= now:
                     sandbox.error = "ttl expired"
                     log.info("sandbox %s reached its TTL", sandbox.id)
-                    self._spawn(self.destroy(sandbox), f"reap-{sandbox.id}")
+                    self.spawn(self.destroy(sandbox), f"reap-{sandbox.id}")
                 elif sandbox.status != DESTROYED and sandbox.lease_lapsed():
                     sandbox.error = "lease lapsed: its kernel stopped renewing it"
                     log.info("sandbox %s: its lease lapsed (its kernel is gone)", sandbox.id)
-                    self._spawn(self.destroy(sandbox), f"lapse-{sandbox.id}")
+                    self.spawn(self.destroy(sandbox), f"lapse-{sandbox.id}")
 
     def _unreaped_pids(self) -> set[int]:
         """Pids of our jail children whose exit status asyncio still has to collect."""
@@ -468,7 +496,7 @@ class Registry:
         pending = [t for t in self._background if not t.done()]
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

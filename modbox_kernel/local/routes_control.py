@@ -46,7 +46,8 @@ async def health(request: Request) -> JSONResponse:
             "status": "ok",
             "isolation": state.isolation,
             "limits": state.limits_note,
-            "sandboxes": state.registry.live_count(),
+            "sandboxes": state.registry.live_count(pooled=False),
+            "pooled": state.registry.pool.ready if state.registry.pool else 0,
         }
     )
 

@@ -107,6 +107,8 @@ def detail(base_url: str, sandbox: Sandbox) -> dict[str, Any]:
         "capabilities": capabilities(base_url, sandbox) if running else None,
         "client_reference": sandbox.client_reference,
         "error": sandbox.error,
+        # An extension: the agent the pool started in this sandbox (``pool``).
+        **({"agent": dict(sandbox.agent)} if running and sandbox.agent else {}),
     }
 
 

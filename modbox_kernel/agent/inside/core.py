@@ -67,6 +67,9 @@ class Agent:
         self.pid = os.getpid()
         self.port = 0
         self.last_count = 0
+        # No cell or comm message has reached this agent yet (``info`` says so): a kernel
+        # adopts a pooled agent only while this holds.
+        self.pristine = True
         self.in_user_code = False
         # Held while a request is served or a cell runs; the jedi warm-up waits on it.
         self.gate = Gate()
@@ -91,6 +94,7 @@ class Agent:
             "agent_version": self.version,
             "mode": self.mode,
             "ready": self.ready.is_set(),
+            "pristine": self.pristine,
         }
 
     # -- interrupts

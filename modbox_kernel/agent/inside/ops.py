@@ -70,6 +70,7 @@ class Requests:
             cell = agent.cells.get(cid)
             known = cell is not None or cid in agent.forgotten
             if not known:
+                agent.pristine = False
                 cell = Cell(req, agent.last_count + 1)
                 agent.cells[cid] = cell
                 self._forget_old_cells()
@@ -206,6 +207,16 @@ class Requests:
     # -- the agent itself
     def op_info(self, req: Dict[str, Any]) -> Dict[str, Any]:
         return {"ok": True, "reply": self.agent.info()}
+
+    def op_environ(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """Set environment variables: a service that started this agent in advance (a
+        pool) passes the creator's ``env_vars`` here when it hands the sandbox over, so
+        the notebook sees them as if the agent had been started after the create."""
+        values = req.get("set")
+        if not isinstance(values, dict) or not self.agent.pristine:
+            return {"ok": False, "error": "environ needs a 'set' object, before any cell"}
+        os.environ.update({str(k): str(v) for k, v in values.items()})
+        return {"ok": True}
 
     def op_shutdown(self, req: Dict[str, Any]) -> Dict[str, Any]:
         return {"ok": True, "_then_exit": True}

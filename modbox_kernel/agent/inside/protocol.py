@@ -22,6 +22,8 @@ OP_HISTORY = "history"
 OP_COMM_INFO = "comm_info"
 OP_INFO = "info"
 OP_SHUTDOWN = "shutdown"
+#: Sets environment variables, only before the first cell (a pooled agent's handover).
+OP_ENVIRON = "environ"
 #: Events produced while no cell runs (background threads, timers, comms), read with
 #: the cursor of ``poll`` (``since``, ``wait``); the answer also carries ``epoch``, which
 #: changes when the agent is replaced (its numbering starts again at 0).
