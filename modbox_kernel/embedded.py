@@ -83,8 +83,14 @@ def discard_early() -> None:
     global _early
     proc, _early = _early, None
     if proc is not None and proc.poll() is None:
+        # Waited for (briefly): nothing of an unused service may outlive this call.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             proc.terminate()
+        try:
+            proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _take_early() -> subprocess.Popen[bytes] | None:

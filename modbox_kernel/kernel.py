@@ -37,6 +37,7 @@ from ipykernel.kernelbase import Kernel
 from . import __version__, protocol
 from .cellcontrol import CellControl, InputCancelled, cell_time_limit
 from .commforward import CommForwarder, ParentOrder
+from .embedded import discard_early
 from .errors import ModboxError
 from .execution import CellExecution
 from .idleoutput import IdleOutput
@@ -107,6 +108,8 @@ class ModboxKernel(KernelSettings, Kernel):
             self.io_loop.add_callback(self.sandbox.start)
             if self.idle_output:
                 self.io_loop.add_callback(self.idle_listener.start)
+        else:
+            discard_early()  # the service __main__ started for us will not be used
 
     @property
     def kernel_info(self) -> dict[str, Any]:
