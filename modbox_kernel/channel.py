@@ -42,6 +42,9 @@ SUBMIT_WAIT = 0.1
 # After a poll that brought only stream text, wait this long before the next one, so a
 # flood of prints reaches IOPub as a few tens of messages per second, not thousands.
 MIN_STREAM_INTERVAL = 0.02
+# The largest request (base64 characters) sent inline through the agent route; beyond
+# it the request is uploaded and sent by exec (the service takes 16 MiB bodies).
+ROUTE_INLINE_LIMIT = 4 * 1024 * 1024
 # How long transient transport faults (resets, 5xx, stalls) are retried while a cell
 # runs before the cell fails with a sentence.
 TRANSPORT_RETRY_WINDOW = 30.0
@@ -68,6 +71,8 @@ class AgentChannel:
         self.upload_dir = upload_dir
         # True when retrying is pointless (the embedded service this kernel runs died).
         self._give_up = give_up
+        # Whether to use the service's agent route when the sandbox advertises one.
+        self._agent_route = True
 
     async def request(
         self, payload: dict[str, Any], *, read_timeout: float = 30.0
@@ -78,6 +83,14 @@ class AgentChannel:
         when it refused or answered nonsense, and the runtime's errors otherwise.
         """
         b64 = agent_mod.encode_request(payload)
+        if (
+            self.runtime.agent_url is not None
+            and self._agent_route
+            and len(b64) <= ROUTE_INLINE_LIMIT
+        ):
+            answer = await self._ask_by_route(b64, read_timeout)
+            if answer is not None:
+                return answer
         if len(b64) <= agent_mod.INLINE_LIMIT:
             command = agent_mod.request_command(self.state_dir, encoded=b64)
         else:
@@ -99,15 +112,26 @@ class AgentChannel:
             # The connection closed without an answer: the agent died while handling
             # this request (a cell that killed its own process, a segfault, the OOM killer).
             raise AgentUnreachable(tail(res))
+        return _answer(line, lambda: tail(res))
+
+    async def _ask_by_route(self, b64: str, read_timeout: float) -> dict[str, Any] | None:
+        """The request through the local service's ``agent`` route: no bash, no JSON
+        around the answer. None when the route turned out not to exist (then this
+        channel uses exec from now on)."""
         try:
-            answer = json.loads(line) if line else None
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise AgentError(f"the sandbox agent gave an unreadable answer: {tail(res)}")
-        if not answer.get("ok"):
-            raise AgentError(f"the sandbox agent refused a request: {answer.get('error')}")
-        return answer
+            line = await self.runtime.ask_agent(self.state_dir, b64, read_timeout=read_timeout)
+        except ApiError as exc:
+            if exc.code == "agent_unreachable":
+                raise AgentUnreachable(exc.service_message or str(exc)) from exc
+            if exc.status_code in (404, 405) and exc.code != "sandbox_not_found":
+                log.info("the service has no agent route after all; using exec")
+                self._agent_route = False
+                return None
+            raise
+        line = line.strip()
+        if not line:
+            raise AgentUnreachable("the agent closed the connection without an answer")
+        return _answer(line, lambda: line[-300:])
 
     async def request_retrying(
         self, payload: dict[str, Any], *, read_timeout: float
@@ -171,6 +195,19 @@ class AgentChannel:
                 await asyncio.sleep(MIN_STREAM_INTERVAL)
             poll = protocol.poll_request(cell.cell_id, since=since, wait=POLL_WAIT)
             answer = await guard(self.request_retrying(poll, read_timeout=POLL_WAIT + 10.0))
+
+
+def _answer(line: str, describe: Callable[[], str]) -> dict[str, Any]:
+    """The agent's JSON answer line, or the error it amounts to."""
+    try:
+        answer = json.loads(line) if line else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise AgentError(f"the sandbox agent gave an unreadable answer: {describe()}")
+    if not answer.get("ok"):
+        raise AgentError(f"the sandbox agent refused a request: {answer.get('error')}")
+    return answer
 
 
 def transient(exc: ApiError) -> bool:

@@ -170,3 +170,44 @@ async def test_a_large_request_goes_by_file_and_the_command_stays_small() -> Non
     assert len(uploaded) == 1 and uploaded[0][1] > 200_000
     assert len(commands) == 1 and len(commands[0]) < 1000
     assert "@/sandbox-home/uploads/modbox-req-" in commands[0]
+
+
+async def test_the_agent_route_is_used_when_advertised_and_exec_when_it_is_missing() -> None:
+    # The local service's agent route (an extension): the request goes as-is, the
+    # answer comes back as the agent's own line. A service that advertises the route
+    # but answers 404 for it (an older one behind the same URL scheme) gets exec.
+    agent = FakeAgent(SCRIPT)
+    routed: list[dict[str, Any]] = []
+    missing = {"yes": False}
+    attempts: list[str] = []
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/agent"):
+            attempts.append(request.url.path)
+            if missing["yes"]:
+                return httpx.Response(404, json={"error": {"code": "not_found", "message": "?"}})
+            body = json.loads(request.content)
+            assert body["state_dir"] == "/sandbox-home/.modbox"
+            routed.append(json.loads(base64.b64decode(body["request"])))
+            command = f"\"$T\" {body['request']} >&3"
+            answer = agent(httpx.Request("POST", request.url, json={"command": command}))
+            return httpx.Response(200, text=json.loads(answer.content)["stdout"])
+        return agent(request)
+
+    info = SandboxInfo(
+        id="sb-1",
+        sandbox_url="https://sb-1.sandbox.test",
+        access_token="t",
+        capabilities={"agent": "https://sb-1.sandbox.test/modbox/api/agent"},
+    )
+    runtime = SandboxRuntime(info, None, transport=httpx.MockTransport(transport))
+    channel = AgentChannel(runtime, "/sandbox-home/.modbox", upload_dir=None)
+    relayed, done = await run(channel, protocol.CellRequest(code="x"))
+    assert [e["seq"] for e in relayed] == [0, 1, 2, 3, 4] and done["status"] == "ok"
+    assert [r["op"] for r in routed] == ["execute", "poll", "poll"]
+    missing["yes"] = True
+    agent.requests.clear()
+    relayed, done = await run(channel, protocol.CellRequest(code="y"))
+    assert [e["seq"] for e in relayed] == [0, 1, 2, 3, 4] and done["status"] == "ok"
+    assert len(attempts) == 4  # one refused try, then exec for the rest
+    assert [r["op"] for r in agent.requests] == ["execute", "poll", "poll"]

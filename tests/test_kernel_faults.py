@@ -60,16 +60,24 @@ _PAYLOAD = re.compile(r"\"\$T\" '?([A-Za-z0-9+/=]+)'? ")
 
 
 def agent_op(request: Request) -> str | None:
-    """The agent operation an exec request carries (``execute``, ``poll``…), else None."""
-    if request.method != "POST" or not request.path.endswith("/modbox/api/exec"):
+    """The agent operation a request carries (``execute``, ``poll``…), else None: an exec
+    of the bash request line, or the local service's agent route (which the kernel uses
+    when the sandbox advertises it)."""
+    if request.method != "POST" or not request.path.endswith(
+        ("/modbox/api/exec", "/modbox/api/agent")
+    ):
         return None
     try:
         body = request.json()
-        command = body["command"] if isinstance(body, dict) else ""
-        match = _PAYLOAD.search(command)
-        if match is None:
-            return "other"  # bootstrap commands and the like
-        op = json.loads(base64.b64decode(match.group(1)))["op"]
+        if request.path.endswith("/agent"):
+            encoded = str(body["request"])
+        else:
+            command = body["command"] if isinstance(body, dict) else ""
+            match = _PAYLOAD.search(command)
+            if match is None:
+                return "other"  # bootstrap commands and the like
+            encoded = match.group(1)
+        op = json.loads(base64.b64decode(encoded))["op"]
     except (ValueError, KeyError, TypeError):
         return "other"
     return str(op)

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from kernel_helpers import KERNEL_NAME, run_cell, service_env, start_kernel, stop_kernel
 from service_helpers import (
@@ -211,3 +212,37 @@ def test_no_pooled_sandbox_outlives_its_service(tmp_path: Path) -> None:
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(10)
     assert wait_until(lambda: not any(host_pids_of(i) for i in ids), 10)
+
+
+def test_the_agent_route_relays_a_request_and_names_a_missing_agent(pooled: LocalService) -> None:
+    sandbox = create_sandbox(pooled)
+    try:
+        advert = _detail(pooled, sandbox.id)["agent"]
+        assert isinstance(advert, dict)
+        url = sandbox.exec_url.rsplit("/", 1)[0] + "/agent"
+        with pooled.client() as control:
+            caps = control.get(f"/sandboxes/{sandbox.id}").json()["capabilities"]
+        assert caps["agent"] == url
+        cell = {"op": "execute", "id": "r1", "code": "print(6 * 7)", "wait": 10, "since": 0}
+        request = agent_mod.encode_request(cell)
+        body = {"state_dir": advert["state_dir"], "request": request}
+        answered = sandbox.http.post(url, json=body)
+        assert answered.status_code == 200, answered.text
+        events = answered.json()["events"]
+        assert "".join(e.get("text", "") for e in events if e["type"] == "stream") == "42\n"
+        # The same request by exec gives the same events (the route is the bash line's twin).
+        again = {**cell, "id": "r1"}  # a resent execute is a poll: same events
+        line = sandbox.exec(agent_mod.request_command(advert["state_dir"], again))["stdout"]
+        assert json.loads(line)["events"] == events
+        # No agent in that folder: a sentence, not a hang.
+        missing = sandbox.http.post(url, json={"state_dir": "/tmp", "request": request})
+        assert missing.status_code == 409
+        assert missing.json()["error"]["code"] == "agent_unreachable"
+        assert "No agent answers in /tmp" in missing.json()["error"]["message"]
+        # Malformed bodies get the envelope; no token gets 401.
+        bad = sandbox.http.post(url, json={"state_dir": advert["state_dir"], "request": "a\nb"})
+        assert bad.status_code == 422 and "request" in bad.text
+        assert sandbox.http.post(url, json={"request": request}).status_code == 422
+        assert httpx.post(url, json={"state_dir": "/", "request": request}).status_code == 401
+    finally:
+        destroy_sandbox(sandbox)

@@ -133,6 +133,6 @@ def request_command(
     return (
         f"cd {shlex.quote(state_dir)} 2>/dev/null && read -r P < port && read -r T < token"
         ' && exec 3<>"/dev/tcp/127.0.0.1/$P"'
-        f" && printf '%s %s\\n' \"$T\" {shlex.quote(body)} >&3 && cat <&3"
+        f" && printf '%s %s\\n' \"$T\" {shlex.quote(body)} >&3 && exec cat <&3"
         f" || {{ echo 'modbox-agent: unreachable' >&2; exit {UNREACHABLE_EXIT}; }}"
     )

@@ -58,6 +58,8 @@ class SandboxRuntime(KeepAliveClient):
         self.info = info
         self.exec_url = exec_url(info)
         self.upload_url = upload_url(info)
+        # The local service's agent route (an extension), when the sandbox has one.
+        self.agent_url: str | None = info.capabilities.get("agent") or None
         # Issued token first: it is what current Modbox checks; SANDBOX_API_KEY is
         # what the older guides describe (docs/modbox-api.md, "Runtime auth").
         self._tokens = [t for t in dict.fromkeys((info.access_token, api_key)) if t]
@@ -75,7 +77,7 @@ class SandboxRuntime(KeepAliveClient):
             "or restarted",
             status_hints={401: _RUNTIME_401_HINT},
             secrets=self._tokens,
-            other_urls=(self.upload_url,),
+            other_urls=(self.upload_url, *([self.agent_url] if self.agent_url else [])),
         )
 
     def __repr__(self) -> str:
@@ -113,6 +115,28 @@ class SandboxRuntime(KeepAliveClient):
                 f"{what} failed: the answer is not an exec result ({exc})",
                 hint="the sandbox image may not run the Modbox runtime API",
             ) from exc
+
+    async def ask_agent(
+        self, state_dir: str, request: str, *, read_timeout: float | None = None
+    ) -> str:
+        """One request to the kernel's agent through the local service's ``agent``
+        route (only when :attr:`agent_url` is set); returns the agent's answer line.
+
+        ``request`` is what the bash request line would send after the token. Like
+        :meth:`exec`, it is never repeated once it may have arrived; a 409
+        ``agent_unreachable`` says no agent listens in ``state_dir``.
+        """
+        if self.agent_url is None:
+            raise ValueError("this sandbox has no agent route")
+        what = f"agent request in sandbox {self.info.id}"
+        body: dict[str, Any] = {"state_dir": state_dir, "request": request}
+        if read_timeout is not None:
+            body["timeout"] = read_timeout  # the service gives up first, and says so
+            read_timeout += 5.0
+        response = await self._send(
+            self.agent_url, what, RetryMode.CONNECT_ONLY, json=body, read_timeout=read_timeout
+        )
+        return response.text
 
     async def upload(self, filename: str, data: bytes) -> dict[str, Any]:
         """Upload ``data``; Modbox stores it as ``/workspace/uploads/{filename}``.

@@ -359,6 +359,47 @@ class Registry:
     ) -> dict[str, Any]:
         """Run ``command`` in the sandbox; ``internal``: the pool prepares a sandbox
         that is still provisioning (hidden) for whoever will take it."""
+        message = {
+            "op": "exec",
+            "command": command,
+            "timeout": timeout,
+            "cap": self.config.limits.output_cap,
+        }
+        fork_failures = sandbox.cgroup.pids_limit_hits() if sandbox.cgroup else 0
+        answer = await self._ask_jail(sandbox, message, timeout, internal=internal)
+        if answer.get("spawnError") == "process_limit" and sandbox.status != DESTROYED:
+            self._end(
+                sandbox,
+                f"process limit reached ({self.config.limits.nproc} processes and threads): "
+                "no command can start in the sandbox any more (a fork bomb?)",
+            )
+            raise gone(sandbox)
+        result = {k: v for k, v in answer.items() if k not in ("id", "ok")}
+        if sandbox.cgroup is not None:
+            fork_failures = sandbox.cgroup.pids_limit_hits() - fork_failures
+        else:
+            fork_failures = 0
+        if result.get("timedOut"):
+            self.usage.count_event(sandbox, "time_limits")
+        return _with_limit_event(result, fork_failures, self.config.limits)
+
+    async def ask_agent(
+        self, sandbox: Sandbox, state_dir: str, body: str, timeout: float
+    ) -> dict[str, Any]:
+        """Relay one request to the kernel agent in ``state_dir`` (the supervisor's
+        ``agent`` op; ``routes_runtime`` turns the answer into the ``agent`` route's)."""
+        message = {
+            "op": "agent",
+            "state_dir": state_dir,
+            "body": body,
+            "timeout": timeout,
+            "cap": 2 * self.config.limits.output_cap,
+        }
+        return await self._ask_jail(sandbox, message, timeout)
+
+    async def _ask_jail(
+        self, sandbox: Sandbox, message: dict[str, Any], timeout: float, *, internal: bool = False
+    ) -> dict[str, Any]:
         if sandbox.status == PROVISIONING and not internal:
             raise ServiceError(
                 409,
@@ -369,13 +410,6 @@ class Registry:
             )
         if sandbox.status == DESTROYED or sandbox.jail is None:
             raise gone(sandbox)
-        message = {
-            "op": "exec",
-            "command": command,
-            "timeout": timeout,
-            "cap": self.config.limits.output_cap,
-        }
-        fork_failures = sandbox.cgroup.pids_limit_hits() if sandbox.cgroup else 0
         try:
             answer = await sandbox.jail.request(message, timeout + EXEC_BACKSTOP_S)
         except JailGone:
@@ -390,27 +424,13 @@ class Registry:
         if self._end_if_oom(sandbox):
             # Whatever this command printed, the sandbox it ran in is gone.
             raise gone(sandbox)
-        if answer.get("spawnError") == "process_limit" and sandbox.status != DESTROYED:
-            self._end(
-                sandbox,
-                f"process limit reached ({self.config.limits.nproc} processes and threads): "
-                "no command can start in the sandbox any more (a fork bomb?)",
-            )
-            raise gone(sandbox)
         if not answer.get("ok"):
             raise ServiceError(
                 500,
                 "internal_error",
                 f"The sandbox could not run the command: {answer.get('error')}",
             )
-        result = {k: v for k, v in answer.items() if k not in ("id", "ok")}
-        if sandbox.cgroup is not None:
-            fork_failures = sandbox.cgroup.pids_limit_hits() - fork_failures
-        else:
-            fork_failures = 0
-        if result.get("timedOut"):
-            self.usage.count_event(sandbox, "time_limits")
-        return _with_limit_event(result, fork_failures, self.config.limits)
+        return answer
 
     # -- destroy ---------------------------------------------------------------
 

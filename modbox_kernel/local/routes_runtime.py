@@ -115,6 +115,41 @@ async def exec_command(request: Request) -> JSONResponse:
     return JSONResponse(result)
 
 
+async def ask_agent(request: Request) -> Response:
+    """An extension: one request to the kernel's agent without a bash per request.
+
+    Body ``{"state_dir", "request", "timeout"?}``, where ``request`` is what the bash
+    request line of ``docs/agent-protocol.md`` would send after the token (base64 JSON,
+    or ``@path`` of an uploaded request). The answer is the agent's own line, as is;
+    409 ``agent_unreachable`` when no agent listens there. Advertised as
+    ``capabilities.agent``; a kernel that does not see it sends the bash line by exec.
+    """
+    state, sandbox = _sandbox(request)
+    limits = state.config.limits
+    body = await read_json_object(request, limits.exec_body_max)
+    state_dir = opt_str(body, "state_dir", 4096)
+    payload = opt_str(body, "request", limits.exec_body_max)
+    if state_dir is None or payload is None:
+        raise validation_error("body", "needs state_dir and request")
+    if "\n" in payload or "\0" in payload:
+        raise validation_error("body.request", "is one line without NUL bytes")
+    timeout = opt_number(body, "timeout", 0, limits.exec_timeout_max)
+    timeout = timeout if timeout is not None else limits.exec_timeout_default
+    answer = await state.registry.ask_agent(sandbox, state_dir, payload, timeout)
+    if not answer.get("reached"):
+        raise ServiceError(
+            409,
+            "agent_unreachable",
+            f"No agent answers in {state_dir}: {answer.get('error')}",
+            retryable=False,
+        )
+    if answer.get("error"):
+        raise ServiceError(500, "internal_error", str(answer["error"]), retryable=False)
+    if answer.get("timedOut"):
+        raise ServiceError(504, "upstream_error", f"The agent did not answer within {timeout:g} s.")
+    return Response(str(answer.get("answer", "")), media_type="application/json")
+
+
 async def upload(request: Request) -> JSONResponse:
     state, sandbox = _sandbox(request)
     limits = state.config.limits
@@ -178,6 +213,7 @@ async def delete_file(request: Request) -> JSONResponse:
 
 routes = [
     Route(f"{PREFIX}/exec", exec_command, methods=["POST"]),
+    Route(f"{PREFIX}/agent", ask_agent, methods=["POST"]),
     Route(f"{PREFIX}/files/upload", upload, methods=["POST"]),
     Route(f"{PREFIX}/files/download", download, methods=["GET"]),
     Route(f"{PREFIX}/files", list_files, methods=["GET"]),

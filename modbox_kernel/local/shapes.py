@@ -71,7 +71,8 @@ def api_url(base_url: str, sandbox: Sandbox) -> str:
 
 def capabilities(base_url: str, sandbox: Sandbox) -> dict[str, str]:
     api = api_url(base_url, sandbox)
-    return {"exec": f"{api}/exec", "files": f"{api}/files"}
+    # ``agent`` is an extension (``routes_runtime.ask_agent``); Modbox has exec and files.
+    return {"exec": f"{api}/exec", "files": f"{api}/files", "agent": f"{api}/agent"}
 
 
 def provision_response(base_url: str, sandbox: Sandbox) -> dict[str, Any]:

@@ -23,6 +23,13 @@ big-endian length followed by that many bytes of UTF-8 JSON.
   = the workspace, and answers ``{"id": n, "ok": true, "exitCode", "stdout", "stderr",
   "durationMs", "timedOut", "truncated"}``. Requests are handled concurrently, one
   thread each, and answered in completion order; ``id`` matches them up.
+* ``{"id": n, "op": "agent", "state_dir": str, "body": str, "timeout": s, "cap": bytes}``
+  does what the kernel's request line does in bash (``docs/agent-protocol.md``) without
+  starting bash: reads ``port`` and ``token`` in ``state_dir``, sends ``token body`` to
+  the agent on loopback and answers ``{"id": n, "ok": true, "reached": true, "answer":
+  str, "durationMs"}`` with what the agent wrote (``timedOut`` when it did not finish
+  in time), or ``"reached": false`` and ``error`` when no agent listens there. It serves
+  the service's ``agent`` route, an extension (``routes_runtime``).
 * ``{"id": n, "op": "ping"}`` answers ``{"id": n, "ok": true}``.
 * When the sandbox is at its process limit so that neither a thread nor ``bash`` can
   be started (a fork bomb's copies holding every slot), the answer after a short retry
@@ -123,6 +130,13 @@ class Supervisor:
                     ).start()
                 except RuntimeError:  # no thread: the sandbox is at its process limit
                     self.send({"id": rid, "ok": True, **_at_process_limit(time.monotonic())})
+            elif op == "agent":
+                try:
+                    threading.Thread(
+                        target=self._agent_and_answer, args=(request,), daemon=True
+                    ).start()
+                except RuntimeError:
+                    self.send({"id": rid, "ok": True, "reached": False, "error": "no thread"})
             elif op == "init":
                 env = request.get("env") or {}
                 self._env.update({str(k): str(v) for k, v in env.items()})
@@ -155,6 +169,54 @@ class Supervisor:
         except Exception as exc:  # answer instead of leaving the service waiting
             result = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self.send(result)
+
+    def _agent_and_answer(self, request: dict) -> None:
+        rid = request.get("id")
+        try:
+            result = self.ask_agent(
+                str(request["state_dir"]),
+                str(request["body"]),
+                float(request["timeout"]),
+                int(request["cap"]),
+            )
+        except Exception as exc:  # answer instead of leaving the service waiting
+            result = {"reached": False, "error": f"{type(exc).__name__}: {exc}"}
+        self.send({"id": rid, "ok": True, **result})
+
+    def ask_agent(self, state_dir: str, body: str, timeout: float, cap: int) -> dict:
+        """One agent request over loopback, as the bash request line makes it."""
+        started = time.monotonic()
+        directory = os.path.join(self._workspace, state_dir)
+        try:
+            with open(os.path.join(directory, "port")) as f:
+                port = int(f.read().split()[0])
+            with open(os.path.join(directory, "token")) as f:
+                token = f.read().split()[0]
+            sock = socket.create_connection(("127.0.0.1", port), timeout=min(timeout, 10.0))
+        except (OSError, ValueError, IndexError) as exc:
+            return {"reached": False, "error": f"no agent listens in {state_dir}: {exc}"}
+        chunks: list[bytes] = []
+        size = 0
+        timed_out = False
+        with sock:
+            try:
+                sock.settimeout(timeout)
+                sock.sendall(f"{token} {body}\n".encode("ascii", "replace"))
+                while data := sock.recv(1 << 18):
+                    size += len(data)
+                    if size > cap:
+                        return {"reached": True, "error": f"the answer is over {cap} bytes"}
+                    chunks.append(data)
+            except TimeoutError:
+                timed_out = True
+            except OSError:
+                pass  # the agent died mid-answer: what arrived (maybe nothing) says so
+        return {
+            "reached": True,
+            "answer": b"".join(chunks).decode("ascii", "replace"),
+            "timedOut": timed_out,
+            "durationMs": int((time.monotonic() - started) * 1000),
+        }
 
     def run(self, command: str, timeout: float, cap: int) -> dict:
         started = time.monotonic()
