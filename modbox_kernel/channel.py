@@ -39,7 +39,7 @@ Guard = Callable[[Awaitable[dict[str, Any]]], Awaitable[dict[str, Any]]]
 POLL_WAIT = 1.0
 # How long the submitting exec waits for a short cell to finish (one round trip).
 SUBMIT_WAIT = 0.1
-# After a poll that brought only stream text, wait this long before the next one, so a
+# A poll holds back stream text alone until this long after the previous answer, so a
 # flood of prints reaches IOPub as a few tens of messages per second, not thousands.
 MIN_STREAM_INTERVAL = 0.02
 # The largest request (base64 characters) sent inline through the agent route; beyond
@@ -174,27 +174,64 @@ class AgentChannel:
         The cursor: ``since`` is the number of the next event this side needs. Events
         below it (a retried request's repeats) are skipped, and each poll asks for
         events from it on, so every event is relayed exactly once.
+
+        Pipelining: once a cell outlives its submit, two polls are out at all times.
+        Each names the one before it (``after``), so the agent answers it from where
+        that one ended, while this side still reads the previous answer: output waits
+        for one trip from the sandbox, not for a request to be sent first, and a flood
+        moves while the last batch is still on its way. Answers are read in the order
+        the polls were sent; a retried poll repeats events, never skips them.
         """
         since = 0
         submit = protocol.execute_request(cell, wait=SUBMIT_WAIT, since=0)
         answer = await guard(self.request_retrying(submit, read_timeout=30.0))
-        while True:
-            only_streams = True
-            for event in answer.get("events", []):
-                seq = int(event.get("seq", since))
-                if seq < since:
-                    continue  # already relayed before a retried request
-                since = seq + 1
-                if event.get("type") == protocol.EV_DONE:
-                    return event
-                if event.get("type") != protocol.EV_STREAM:
-                    only_streams = False
-                await on_event(event)
-            since = max(since, int(answer.get("next", since)))
-            if only_streams and answer.get("events"):
-                await asyncio.sleep(MIN_STREAM_INTERVAL)
-            poll = protocol.poll_request(cell.cell_id, since=since, wait=POLL_WAIT)
-            answer = await guard(self.request_retrying(poll, read_timeout=POLL_WAIT + 10.0))
+        ahead: asyncio.Future[dict[str, Any]] | None = None
+        ahead_rid: str | None = None
+        try:
+            while True:
+                for event in answer.get("events", []):
+                    seq = int(event.get("seq", since))
+                    if seq < since:
+                        continue  # already relayed before a retried request
+                    since = seq + 1
+                    if event.get("type") == protocol.EV_DONE:
+                        return event
+                    await on_event(event)
+                since = max(since, int(answer.get("next", since)))
+                if ahead is None:
+                    ahead, ahead_rid = self._poll(cell.cell_id, since, None)
+                # The poll after the one we are about to read goes out first.
+                head, head_rid = ahead, ahead_rid
+                ahead, ahead_rid = self._poll(cell.cell_id, since, head_rid)
+                # The guard only around the poll being read: a poll left out when the
+                # cell ends must not report the sandbox lost (a restarted agent no
+                # longer knows the cell).
+                answer = await guard(head)
+        finally:
+            if ahead is not None:
+                # Not cancelled: its connection stays usable once the agent answers
+                # (at once, as the cell is done); the answer is not needed.
+                ahead.add_done_callback(_ignore)
+
+    def _poll(
+        self, cell_id: str, since: int, after: str | None
+    ) -> tuple[asyncio.Future[dict[str, Any]], str]:
+        rid = uuid.uuid4().hex[:12]
+        poll = protocol.poll_request(
+            cell_id,
+            since=since,
+            wait=POLL_WAIT,
+            rid=rid,
+            after=after,
+            coalesce=MIN_STREAM_INTERVAL,
+        )
+        task = asyncio.ensure_future(self.request_retrying(poll, read_timeout=POLL_WAIT + 10.0))
+        return task, rid
+
+
+def _ignore(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it
 
 
 def _answer(line: str, describe: Callable[[], str]) -> dict[str, Any]:

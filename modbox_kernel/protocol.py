@@ -91,9 +91,29 @@ def execute_request(cell: CellRequest, *, wait: float, since: int = 0) -> dict[s
     return payload
 
 
-def poll_request(cell_id: str, *, since: int, wait: float) -> dict[str, Any]:
-    """The events of cell ``cell_id`` from number ``since`` on, waiting up to ``wait`` s."""
-    return {"op": names.OP_POLL, "id": cell_id, "since": since, "wait": wait}
+def poll_request(
+    cell_id: str,
+    *,
+    since: int,
+    wait: float,
+    rid: str | None = None,
+    after: str | None = None,
+    coalesce: float = 0.0,
+) -> dict[str, Any]:
+    """The events of cell ``cell_id`` from number ``since`` on, waiting up to ``wait`` s.
+
+    Pipelined (``docs/agent-protocol.md``): ``rid`` names this request, ``after`` the
+    earlier one it follows (it goes on where that one's answer ended), and
+    ``coalesce`` holds stream text back until that long after the previous answer.
+    """
+    payload: dict[str, Any] = {"op": names.OP_POLL, "id": cell_id, "since": since, "wait": wait}
+    if rid is not None:
+        payload["rid"] = rid
+    if after is not None:
+        payload["after"] = after
+    if coalesce:
+        payload["coalesce"] = coalesce
+    return payload
 
 
 def background_request(*, since: int, wait: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ different mode start their own. Every agent is shut down and its pid checked gon
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import itertools
 import json
@@ -43,6 +44,7 @@ from modbox_kernel.agent import (
     request_command,
     start_command,
 )
+from modbox_kernel.agent.inside.wire import MAX_RESPONSE_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -580,7 +582,7 @@ def test_output_flood_is_coalesced_and_exact(both: AgentUnderTest) -> None:
 
 
 def test_large_output_is_split_across_responses(both: AgentUnderTest) -> None:
-    code = "import sys\nfor i in range(30):\n    sys.stdout.write(str(i % 10) * 100_000)"
+    code = "import sys\nfor i in range(100):\n    sys.stdout.write(str(i % 10) * 100_000)"
     payload = both.execute_payload(code, wait=10.0)
     cid = payload["id"]
     resp = both.request(payload)
@@ -592,8 +594,57 @@ def test_large_output_is_split_across_responses(both: AgentUnderTest) -> None:
         if resp["done"]:
             break
         resp = both.request(protocol.poll_request(cid, since=resp["next"], wait=2.0))
-    assert len(sizes) > 2 and max(sizes) < 1.2 * 1024 * 1024
-    assert stdout_of(events) == "".join(str(i % 10) * 100_000 for i in range(30))
+    assert len(sizes) > 2 and max(sizes) < 1.2 * MAX_RESPONSE_BYTES
+    assert stdout_of(events) == "".join(str(i % 10) * 100_000 for i in range(100))
+
+
+def test_a_pipelined_poll_goes_on_where_the_one_before_it_ended(both: AgentUnderTest) -> None:
+    # Two polls out at once, as the kernel keeps them: the second names the first
+    # (``after``) and answers from where the first ended, while its own ``since`` (what
+    # the kernel holds) keeps the first one's events for a resend of the first.
+    code = "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.15)"
+    payload = both.execute_payload(code, wait=0.0)
+    cid = payload["id"]
+    first = both.request(payload)
+    since = first["next"]
+    got = stdout_of(first["events"])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        a = pool.submit(both.request, protocol.poll_request(cid, since=since, wait=5, rid="a"))
+        time.sleep(0.05)
+        b = pool.submit(
+            both.request, protocol.poll_request(cid, since=since, wait=5, rid="b", after="a")
+        )
+        answer_a, answer_b = a.result(10), b.result(10)
+    assert answer_a["events"] and answer_b["events"]
+    assert answer_b["events"][0]["seq"] == answer_a["next"], (answer_a, answer_b)
+    got += stdout_of(answer_a["events"]) + stdout_of(answer_b["events"])
+    # A resend of "a" (its answer lost on the way) still finds a's events.
+    again = both.request(protocol.poll_request(cid, since=since, wait=5, rid="a"))
+    assert again["events"][0]["seq"] == answer_a["events"][0]["seq"]
+    events = list(again["events"])
+    while not again["done"]:
+        again = both.request(protocol.poll_request(cid, since=again["next"], wait=5))
+        events += again["events"]
+    assert stdout_of(events).startswith(stdout_of(answer_a["events"]))
+    assert "".join(f"{i}\n" for i in range(6)).startswith(got)
+
+
+def test_coalesce_holds_a_flood_of_prints_back_but_not_the_first(both: AgentUnderTest) -> None:
+    code = "import time\nfor i in range(200):\n    print(i, flush=True)\n    time.sleep(0.001)"
+    payload = both.execute_payload(code, wait=0.0)
+    cid = payload["id"]
+    answer = both.request(payload)
+    since, answers, events = answer["next"], 0, list(answer["events"])
+    started = time.monotonic()
+    while not answer["done"]:
+        poll = protocol.poll_request(cid, since=since, wait=5, rid=f"r{answers}", coalesce=0.05)
+        answer = both.request(poll)
+        since, answers = answer["next"], answers + 1
+        events += answer["events"]
+    elapsed = time.monotonic() - started
+    assert stdout_of(events) == "".join(f"{i}\n" for i in range(200))
+    # About one answer per 50 ms (a few more at the edges), not one per print.
+    assert answers <= elapsed / 0.05 + 4, (answers, elapsed)
 
 
 def test_c_level_and_subprocess_output_is_captured(both: AgentUnderTest) -> None:

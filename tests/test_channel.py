@@ -9,6 +9,7 @@ tested against a real daemon in ``test_agent.py``; this is the kernel's side of 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -35,6 +36,7 @@ class FakeAgent:
         # Called with each request; may return a Response to send instead (a fault).
         self.fault: Callable[[dict[str, Any]], httpx.Response | None] = lambda req: None
         self.per_answer = 2  # events per answer, so a cell takes several polls
+        self.answered: dict[Any, int] = {}  # rid -> the next it was answered with
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         command = json.loads(request.content)["command"]
@@ -46,8 +48,12 @@ class FakeAgent:
         if faulty is not None:
             return faulty
         since = int(req.get("since") or 0)
+        # Pipelined polls: one that names an answered predecessor goes on from its end.
+        since = max(since, self.answered.get(req.get("after"), since))
         out = self.events[since : since + self.per_answer]
         nxt = since + len(out)
+        if req.get("rid"):
+            self.answered[req["rid"]] = nxt
         done = any(e["type"] == "done" for e in out)
         answer = {"ok": True, "events": out, "next": nxt, "done": done}
         return exec_answer(json.dumps(answer) + "\n")
@@ -74,6 +80,8 @@ async def run(channel: AgentChannel, cell: protocol.CellRequest) -> tuple[list[A
         return await request
 
     done = await channel.run_cell(cell, on_event, guard)
+    # The poll that was out when the cell ended is answered and dropped: let it be.
+    await asyncio.sleep(0.05)
     return relayed, done
 
 
@@ -93,12 +101,17 @@ async def test_every_event_is_relayed_once_in_order_and_done_is_returned() -> No
     relayed, done = await run(channel_for(agent), cell)
     assert [e["seq"] for e in relayed] == [0, 1, 2, 3, 4]
     assert done["type"] == "done" and done["seq"] == 5
-    # One submit, then polls each asking from the next event this side needs.
+    # One submit, then pipelined polls: each names the one before it, and its since is
+    # what this side held when it was sent.
     assert agent.requests[0]["op"] == "execute" and agent.requests[0]["id"] == cell.cell_id
     polls = agent.requests[1:]
-    assert [p["op"] for p in polls] == ["poll", "poll"]
-    assert [p["since"] for p in polls] == [2, 4]
+    assert [p["op"] for p in polls] == ["poll", "poll", "poll"]
     assert all(p["id"] == cell.cell_id for p in polls)
+    assert [p["since"] for p in polls] == [2, 2, 4]
+    assert "after" not in polls[0]
+    assert [p["after"] for p in polls[1:]] == [polls[0]["rid"], polls[1]["rid"]]
+    # The last one was out when the cell ended; the agent answers it, nobody reads it.
+    assert [agent.answered[p["rid"]] for p in polls] == [4, 6, 6]
 
 
 async def test_a_transport_fault_is_retried_and_repeated_events_are_skipped() -> None:
@@ -107,7 +120,7 @@ async def test_a_transport_fault_is_retried_and_repeated_events_are_skipped() ->
     replayed = []
 
     def fault(req: dict[str, Any]) -> httpx.Response | None:
-        if req["op"] == "poll" and req["since"] == 2:
+        if req["op"] == "poll" and "after" not in req:  # the first poll after the submit
             response = next(faults, None)
             if response is not None:
                 return response
@@ -125,7 +138,10 @@ async def test_a_transport_fault_is_retried_and_repeated_events_are_skipped() ->
     assert [e["seq"] for e in relayed] == [0, 1, 2, 3, 4]
     assert [e.get("text") for e in relayed if e["type"] == "stream"] == ["a", "b", "c"]
     assert done["status"] == "ok"
-    assert [r["since"] for r in agent.requests if r["op"] == "poll"] == [2, 2, 4]
+    polls = [r for r in agent.requests if r["op"] == "poll"]
+    # The faulty poll was sent twice, the same request both times.
+    first = polls[0]
+    assert [p for p in polls if p["rid"] == first["rid"]] == [first, first] and replayed
 
 
 async def test_an_agent_that_does_not_answer_is_unreachable() -> None:
@@ -204,10 +220,10 @@ async def test_the_agent_route_is_used_when_advertised_and_exec_when_it_is_missi
     channel = AgentChannel(runtime, "/sandbox-home/.modbox", upload_dir=None)
     relayed, done = await run(channel, protocol.CellRequest(code="x"))
     assert [e["seq"] for e in relayed] == [0, 1, 2, 3, 4] and done["status"] == "ok"
-    assert [r["op"] for r in routed] == ["execute", "poll", "poll"]
+    assert [r["op"] for r in routed] == ["execute", "poll", "poll", "poll"]
     missing["yes"] = True
     agent.requests.clear()
     relayed, done = await run(channel, protocol.CellRequest(code="y"))
     assert [e["seq"] for e in relayed] == [0, 1, 2, 3, 4] and done["status"] == "ok"
-    assert len(attempts) == 4  # one refused try, then exec for the rest
-    assert [r["op"] for r in agent.requests] == ["execute", "poll", "poll"]
+    assert len(attempts) == 5  # one refused try, then exec for the rest
+    assert [r["op"] for r in agent.requests] == ["execute", "poll", "poll", "poll"]

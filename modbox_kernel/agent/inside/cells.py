@@ -57,6 +57,10 @@ class Cell:
         self.output_limit = max(0, int(fields["output_limit"] or 0))
         self.streamed = 0
         self.truncated = False
+        # Pipelined polls (``ops.Requests._collect``): the ``next`` each recent request
+        # id was answered with, and when the last answer went out.
+        self.answered: Dict[str, int] = {}
+        self.last_answer_at = 0.0
 
     @property
     def next_seq(self) -> int:
@@ -116,13 +120,25 @@ class Cell:
             return self.state == "finished"
         return self.next_seq > since or self.state == "finished"
 
-    def take(self, since: int) -> Dict[str, Any]:
+    def only_streams_from(self, since: int) -> bool:
+        """Whether every event from ``since`` on is stream text, and less than half an
+        answer's worth of it (caller holds the cond): then a poll may hold it back."""
+        size = 0
+        for event in self.events[max(0, since - self.base) :]:
+            if event["type"] != protocol.EV_STREAM:
+                return False
+            size += event["_len"] if "_parts" in event else len(event["text"])
+        return size < MAX_RESPONSE_BYTES // 2
+
+    def take(self, since: int, acknowledged: Optional[int] = None) -> Dict[str, Any]:
         """The answer for "events from ``since``" (caller holds the cond).
 
-        Events before ``since`` that were returned once are freed (the kernel holds
-        them); at most :data:`MAX_RESPONSE_BYTES` of events go in one answer.
+        Events before ``acknowledged`` (default ``since``: what the kernel says it
+        holds) that were returned once are freed; at most :data:`MAX_RESPONSE_BYTES`
+        of events go in one answer.
         """
-        drop = min(since, self.fetched) - self.base
+        held = since if acknowledged is None else min(since, acknowledged)
+        drop = min(held, self.fetched) - self.base
         if drop > 0:
             del self.events[:drop]
             self.base += drop
@@ -141,7 +157,9 @@ class Cell:
         nxt = start + len(out)
         self.fetched = max(self.fetched, nxt)
         done = 0 <= self.done_seq < nxt
-        return {"ok": True, "events": out, "next": nxt, "done": done}
+        # ``more``: the size bound cut this answer short; the rest is already waiting.
+        more = nxt < self.next_seq
+        return {"ok": True, "events": out, "next": nxt, "done": done, "more": more}
 
 
 def background_log() -> Cell:

@@ -27,6 +27,10 @@ log = logging.getLogger("modbox.agent")
 
 #: How long a poll woken by text without a newline waits for the rest of the line.
 PARTIAL_LINE_WAIT = 0.005
+#: Upper bound of a poll's ``coalesce``.
+MAX_COALESCE_SECONDS = 0.1
+#: Request ids of a cell whose answer positions are remembered (a pipeline is 2 deep).
+KEEP_ANSWERED = 16
 
 
 class Requests:
@@ -104,15 +108,34 @@ class Requests:
             self.agent.forgotten.add(oldest_id)
 
     def _collect(self, cell: Cell, req: Dict[str, Any], until_done: bool) -> Dict[str, Any]:
-        """Wait (up to ``wait`` s) until there is something from ``since``; answer it."""
+        """Wait (up to ``wait`` s) until there is something from ``since``; answer it.
+
+        Pipelined polls (``docs/agent-protocol.md``, "Pipelined polls"): a request with
+        ``after`` (the ``rid`` of the kernel's previous, still unanswered request)
+        first waits for that one's answer and goes on from where it ended; ``since``
+        stays what the kernel holds, so nothing it may still ask again is freed. With
+        ``coalesce`` (s), stream text alone is held back until that long after the
+        previous answer, so a flood of prints becomes few answers.
+        """
         since = max(0, int(req.get("since") or 0))
         wait = min(max(0.0, float(req.get("wait") or 0)), MAX_WAIT_SECONDS)
+        coalesce = min(max(0.0, float(req.get("coalesce") or 0)), MAX_COALESCE_SECONDS)
+        after, rid = req.get("after"), req.get("rid")
         deadline = time.monotonic() + wait
         cond = self.agent.cond
         with cond:
+            start = since
+            if isinstance(after, str):
+                # If the predecessor never arrives (lost on the way), answer from since.
+                while after not in cell.answered and cell.state != "finished":
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    cond.wait(remaining)
+                start = max(since, cell.answered.get(after, since))
             while True:
                 remaining = deadline - time.monotonic()
-                if cell.ready(since, until_done) or remaining <= 0:
+                if cell.ready(start, until_done) or remaining <= 0:
                     break
                 cond.wait(remaining)
             # Woken by the first part of a print (its pieces and newline are separate
@@ -124,7 +147,25 @@ class Requests:
                 if remaining <= 0:
                     break
                 cond.wait(remaining)
-            return cell.take(since)
+            hold = min(cell.last_answer_at + coalesce, deadline)
+            while (
+                coalesce
+                and not until_done
+                and cell.state != "finished"
+                and cell.only_streams_from(start)
+            ):
+                remaining = hold - time.monotonic()
+                if remaining <= 0:
+                    break
+                cond.wait(remaining)
+            answer = cell.take(start, acknowledged=since)
+            cell.last_answer_at = time.monotonic()
+            if isinstance(rid, str):
+                cell.answered[rid] = int(answer["next"])
+                while len(cell.answered) > KEEP_ANSWERED:
+                    del cell.answered[next(iter(cell.answered))]
+                cond.notify_all()  # the request queued after this one goes on
+            return answer
 
     def op_interrupt(self, req: Dict[str, Any]) -> Dict[str, Any]:
         agent = self.agent

@@ -14,9 +14,9 @@ from typing import Any, Dict
 Event = Dict[str, Any]
 
 #: Largest response (sum of serialized events) the agent sends in one answer.
-MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: A stream event stops absorbing more text at this size, so one event stays small.
-MERGE_LIMIT = 256 * 1024
+MERGE_LIMIT = 1024 * 1024
 #: Longest accepted request line (inline requests are meant to stay under 64 KiB).
 MAX_REQUEST_LINE = 64 * 1024 * 1024
 #: Upper bound for a long-poll, whatever the request asks.
