@@ -1,0 +1,79 @@
+"""A TCP proxy on loopback that delays each direction by a fixed time: a WAN stand-in.
+
+Used by ``bench_wan.py``: the kernel talks to a shared local service through it, and the
+service advertises the proxy (``--public-url``) so runtime calls take the same path.
+Every chunk read on one side is written to the other ``delay`` seconds later, in
+order; bandwidth is not limited (loopback's), so an RTT of ``2 * delay`` is all that
+changes. Runs its own event loop on a thread, so a synchronous benchmark can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+
+class DelayProxy:
+    """``listen()`` gives the port; ``start(upstream_port)`` begins forwarding to it."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._upstream = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _serve(self) -> None:
+        self._server = await asyncio.start_server(self._client, sock=self._sock)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(
+            self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                pause = due - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                if not data:
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(1 << 16):
+                queue.put_nowait((time.monotonic() + self.delay, data))
+        except OSError:
+            pass
+        finally:
+            queue.put_nowait((time.monotonic() + self.delay, b""))
+            with contextlib.suppress(Exception):
+                await sender
+            writer.close()
