@@ -281,7 +281,7 @@ class SandboxSession:
             )
             if adopted is not None:
                 state_dir, agent_file, started = adopted
-                starting: Awaitable[dict[str, Any]] = _ready(started)
+                starting: Awaitable[dict[str, Any]] = asyncio.sleep(0, started)
             else:
                 state_dir, agent_file = await asyncio.wait_for(
                     bootstrap.install_agent(runtime), left()
@@ -497,10 +497,6 @@ async def _destroyed(client: ModboxClient, sandbox: _Sandbox) -> None:
     with contextlib.suppress(Exception):
         await client.destroy_sandbox(sandbox.info.id)
     sandbox.keeper.release()
-
-
-async def _ready(value: dict[str, Any]) -> dict[str, Any]:
-    return value
 
 
 def _number(value: Any) -> float:

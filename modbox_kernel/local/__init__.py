@@ -12,9 +12,10 @@ Modules, in call order: ``__main__`` (CLI, startup line; ``check`` for ``--check
 ``routes_runtime`` (``owners`` says who calls) → ``registry`` (lifecycle, TTL,
 leases, limit events; ``records`` holds a sandbox's record; ``admission`` caps creates
 and ``waitline`` orders those waiting at capacity; ``usage`` books what each owner
-used) → ``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the
-jail). ``jail`` builds the argv with ``launcher`` (cgroups, privilege drop) and
-``seccomp`` (the filter), ``files`` does symlink-proof workspace I/O, ``procscan``
-finds stray processes, ``orphans`` reaps what bwrap leaves behind, ``shapes`` holds
-the SDK's JSON shapes.
+used; ``pool`` keeps sandboxes ready with the kernel's agent started) →
+``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the jail; it also
+relays the ``agent`` route's requests). ``jail`` builds the argv with ``launcher``
+(cgroups, privilege drop) and ``seccomp`` (the filter), ``files`` does symlink-proof
+workspace I/O, ``procscan`` finds stray processes, ``orphans`` reaps what bwrap leaves
+behind, ``shapes`` holds the SDK's JSON shapes.
 """

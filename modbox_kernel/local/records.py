@@ -12,10 +12,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .cgroups import SandboxCgroup
+from .config import Limits
 from .envelope import ServiceError
 from .jailprocess import JailProcess
+from .units import human_bytes
 
 PROVISIONING, RUNNING, DESTROYED = "provisioning", "running", "destroyed"
 STATUSES = (PROVISIONING, RUNNING, DESTROYED)
@@ -101,3 +104,23 @@ def gone(sandbox: Sandbox) -> ServiceError:
         hint="Create a new sandbox.",
         retryable=False,
     )
+
+
+def oom_reason(limits: Limits) -> str:
+    return f"out of memory (limit {human_bytes(limits.memory)})"
+
+
+def with_limit_event(result: dict[str, Any], fork_failures: int, limits: Limits) -> dict[str, Any]:
+    """Name the limit an exec ran into: ``limitReached`` and a sentence on stderr."""
+    if result.get("timedOut"):
+        result["limitReached"] = "time_limit"
+    elif fork_failures > 0:
+        result["limitReached"] = "process_limit"
+        stderr = str(result.get("stderr", ""))
+        if stderr and not stderr.endswith("\n"):
+            stderr += "\n"
+        result["stderr"] = stderr + (
+            f"modbox: the sandbox reached its process limit ({limits.nproc} processes and "
+            f"threads); {fork_failures} fork attempts failed\n"
+        )
+    return result

@@ -11,25 +11,13 @@ Lifecycle: ``provisioning`` (record exists, jail starting in a background task) 
 death, an out-of-memory kill, or service shutdown). Destroyed records stay listed with
 the cause in ``error``; their processes, cgroup and workspace are gone.
 
-Limit events and their causes:
-
-* **Out of memory**: any OOM kill in a sandbox's memory cgroup ends the whole sandbox
-  (what cgroup v2's ``memory.oom.group=1`` does, applied on v1 too): a half-dead
-  sandbox whose Python process vanished helps nobody, and a clear end does. It is seen
-  by the exec that was running (its answer becomes the 404 below), by the jail's exit,
-  or by the reaper within 0.5 s. ``error`` is then "out of memory (limit 2 GiB)", and
-  every later runtime call gets 404 ``sandbox_not_found`` with the message "Sandbox
-  <id> was destroyed: out of memory (limit 2 GiB)."
-* **Time limit**: the exec answer has ``timedOut: true`` and ``limitReached:
-  "time_limit"`` (the supervisor killed the command's process group).
-* **Process limit**: when forks failed at ``pids.max`` during an exec, its answer has
-  ``limitReached: "process_limit"`` and stderr ends with a ``modbox:`` sentence. When
-  the sandbox is so full that the command itself cannot start (a fork bomb's copies
-  hold every slot), nothing can run there any more: the sandbox is ended with
-  ``error`` "process limit reached (N processes and threads) …" and the exec gets the
-  404 below.
-* **Killed from inside** (``os.kill(-1, 9)``): the supervisor dies with everything
-  else; ``error`` says so (``jailprocess.JailProcess.describe_exit``).
+Limit events (out of memory, time limit, process limit, killed from inside) end an
+exec or the whole sandbox as ``docs/local-service.md`` describes ("Why a sandbox
+ended"): any OOM kill in a sandbox's memory cgroup ends the whole sandbox (what cgroup
+v2's ``memory.oom.group=1`` does, applied on v1 too), seen by the exec that was
+running, by the jail's exit, or by the reaper within 0.5 s; a sandbox so full of
+processes that no command can start is ended too. Every later runtime call gets 404
+``sandbox_not_found`` with the cause.
 """
 
 from __future__ import annotations
@@ -47,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from . import orphans
 from .admission import admit, admit_owner, host_memory_available
 from .cgroups import CgroupManager
-from .config import Limits, ServiceConfig
+from .config import ServiceConfig
 from .envelope import ServiceError
 from .jail import Jail, JailSpec
 from .jailprocess import JailGone, JailProcess
@@ -61,9 +49,10 @@ from .records import (
     Sandbox,
     gone,
     not_found,
+    oom_reason,
     utcnow,
+    with_limit_event,
 )
-from .units import human_bytes
 from .usage import UsageBook
 from .waitline import WaitLine
 
@@ -381,7 +370,7 @@ class Registry:
             fork_failures = 0
         if result.get("timedOut"):
             self.usage.count_event(sandbox, "time_limits")
-        return _with_limit_event(result, fork_failures, self.config.limits)
+        return with_limit_event(result, fork_failures, self.config.limits)
 
     async def ask_agent(
         self, sandbox: Sandbox, state_dir: str, body: str, timeout: float
@@ -521,23 +510,3 @@ class Registry:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-
-def oom_reason(limits: Limits) -> str:
-    return f"out of memory (limit {human_bytes(limits.memory)})"
-
-
-def _with_limit_event(result: dict[str, Any], fork_failures: int, limits: Limits) -> dict[str, Any]:
-    """Name the limit an exec ran into: ``limitReached`` and a sentence on stderr."""
-    if result.get("timedOut"):
-        result["limitReached"] = "time_limit"
-    elif fork_failures > 0:
-        result["limitReached"] = "process_limit"
-        stderr = str(result.get("stderr", ""))
-        if stderr and not stderr.endswith("\n"):
-            stderr += "\n"
-        result["stderr"] = stderr + (
-            f"modbox: the sandbox reached its process limit ({limits.nproc} processes and "
-            f"threads); {fork_failures} fork attempts failed\n"
-        )
-    return result
