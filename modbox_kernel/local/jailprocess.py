@@ -222,6 +222,14 @@ class JailProcess:
                     log.error("sandbox %s sent an oversized frame", self.sandbox_id)
                     break
                 message = json.loads(await stdout.readexactly(length))
+                size = message.get("payloadBytes")
+                if isinstance(size, int):
+                    # A raw frame follows (the supervisor's ``send``): kept as bytes.
+                    (length,) = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
+                    if length != size or length > _MAX_FRAME:
+                        log.error("sandbox %s sent a malformed payload", self.sandbox_id)
+                        break
+                    message["payload"] = await stdout.readexactly(length)
                 self._dispatch(message)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -147,7 +147,7 @@ async def ask_agent(request: Request) -> Response:
         raise ServiceError(500, "internal_error", str(answer["error"]), retryable=False)
     if answer.get("timedOut"):
         raise ServiceError(504, "upstream_error", f"The agent did not answer within {timeout:g} s.")
-    return Response(str(answer.get("answer", "")), media_type="application/json")
+    return Response(answer.get("payload") or b"", media_type="application/json")
 
 
 async def upload(request: Request) -> JSONResponse:

@@ -26,9 +26,10 @@ big-endian length followed by that many bytes of UTF-8 JSON.
 * ``{"id": n, "op": "agent", "state_dir": str, "body": str, "timeout": s, "cap": bytes}``
   does what the kernel's request line does in bash (``docs/agent-protocol.md``) without
   starting bash: reads ``port`` and ``token`` in ``state_dir``, sends ``token body`` to
-  the agent on loopback and answers ``{"id": n, "ok": true, "reached": true, "answer":
-  str, "durationMs"}`` with what the agent wrote (``timedOut`` when it did not finish
-  in time), or ``"reached": false`` and ``error`` when no agent listens there. It serves
+  the agent on loopback and answers ``{"id": n, "ok": true, "reached": true,
+  "payloadBytes": N, "durationMs"}`` followed by one more frame: the N bytes the agent
+  wrote, raw (``timedOut`` when it did not finish in time), or ``"reached": false``
+  and ``error`` when no agent listens there. It serves
   the service's ``agent`` route, an extension (``routes_runtime``).
 * ``{"id": n, "op": "ping"}`` answers ``{"id": n, "ok": true}``.
 * When the sandbox is at its process limit so that neither a thread nor ``bash`` can
@@ -105,12 +106,20 @@ class Supervisor:
             return None
         return json.loads(body.decode("utf-8"))
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict, payload: bytes | None = None) -> None:
+        """One answer frame; ``payload`` (raw bytes) follows it as a second frame and
+        the answer says so with ``payloadBytes``: megabytes of an agent's answer then
+        cross without being escaped into JSON and parsed back."""
+        if payload is not None:
+            message = {**message, "payloadBytes": len(payload)}
         body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode(
             "utf-8", "surrogatepass"
         )
+        frames = [_HEADER.pack(len(body)), body]
+        if payload is not None:
+            frames += [_HEADER.pack(len(payload)), payload]
         with self._write_lock:
-            self._out.write(_HEADER.pack(len(body)) + body)  # type: ignore[attr-defined]
+            self._out.write(b"".join(frames))  # type: ignore[attr-defined]
             self._out.flush()  # type: ignore[attr-defined]
 
     # -- main loop -------------------------------------------------------------
@@ -181,7 +190,8 @@ class Supervisor:
             )
         except Exception as exc:  # answer instead of leaving the service waiting
             result = {"reached": False, "error": f"{type(exc).__name__}: {exc}"}
-        self.send({"id": rid, "ok": True, **result})
+        payload = result.pop("answer", None)
+        self.send({"id": rid, "ok": True, **result}, payload)
 
     def ask_agent(self, state_dir: str, body: str, timeout: float, cap: int) -> dict:
         """One agent request over loopback, as the bash request line makes it."""
@@ -213,7 +223,7 @@ class Supervisor:
                 pass  # the agent died mid-answer: what arrived (maybe nothing) says so
         return {
             "reached": True,
-            "answer": b"".join(chunks).decode("ascii", "replace"),
+            "answer": b"".join(chunks),
             "timedOut": timed_out,
             "durationMs": int((time.monotonic() - started) * 1000),
         }

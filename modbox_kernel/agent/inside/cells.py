@@ -10,13 +10,12 @@ already holds can be freed.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from . import protocol
 from .protocol import truncation_notice
-from .wire import MAX_RESPONSE_BYTES, MERGE_LIMIT, Event
+from .wire import ENCODED_EVENTS, MAX_RESPONSE_BYTES, MERGE_LIMIT, Event, encode_event
 
 #: Cells whose events are kept; older finished cells keep only their id.
 KEEP_CELLS = 200
@@ -144,22 +143,32 @@ class Cell:
             self.base += drop
         start = min(max(since, self.base), self.next_seq)
         out: List[Event] = []
+        encoded: List[str] = []
         size = 0
         for event in self.events[start - self.base :]:
             if "_parts" in event:
                 event["text"] = "".join(event.pop("_parts"))
                 del event["_len"]
-            n = len(json.dumps(event))
-            if out and size + n > MAX_RESPONSE_BYTES:
+            # Serialized once: the size bound needs it, and the answer reuses it.
+            text = encode_event(event)
+            if out and size + len(text) > MAX_RESPONSE_BYTES:
                 break
             out.append(event)
-            size += n
+            encoded.append(text)
+            size += len(text)
         nxt = start + len(out)
         self.fetched = max(self.fetched, nxt)
         done = 0 <= self.done_seq < nxt
         # ``more``: the size bound cut this answer short; the rest is already waiting.
         more = nxt < self.next_seq
-        return {"ok": True, "events": out, "next": nxt, "done": done, "more": more}
+        return {
+            "ok": True,
+            "events": out,
+            "next": nxt,
+            "done": done,
+            "more": more,
+            ENCODED_EVENTS: encoded,
+        }
 
 
 def background_log() -> Cell:

@@ -95,10 +95,26 @@ def decode_request(body: str) -> Any:
     return json.loads(base64.b64decode(body).decode("utf-8"))
 
 
+#: Key of an answer holding its events already serialized (``cells.Cell.take``), which
+#: :func:`encode_answer` writes instead of serializing ``events`` a second time.
+ENCODED_EVENTS = "_events_json"
+
+
+def encode_event(event: Event) -> str:
+    """One event as it appears in an answer line."""
+    return json.dumps(event, ensure_ascii=True, default=json_default)
+
+
 def encode_answer(answer: Dict[str, Any]) -> bytes:
     """One ASCII JSON line (the bash line relays it with ``cat``)."""
+    encoded = answer.pop(ENCODED_EVENTS, None)
     try:
-        body = json.dumps(answer, ensure_ascii=True, default=json_default)
+        if encoded is None:
+            body = json.dumps(answer, ensure_ascii=True, default=json_default)
+        else:
+            rest = {k: v for k, v in answer.items() if k != "events"}
+            head = json.dumps(rest, ensure_ascii=True, default=json_default)
+            body = head[:-1] + (", " if rest else "") + '"events": [' + ", ".join(encoded) + "]}"
     except (TypeError, ValueError) as exc:
         body = json.dumps({"ok": False, "error": f"unserializable answer: {exc}"})
     return body.encode("ascii") + b"\n"
