@@ -17,7 +17,7 @@ from typing import Any
 
 from . import agent as agent_mod
 from .api import SandboxRuntime
-from .errors import AgentError
+from .errors import AgentError, ModboxError
 from .uploads import put_file, tail
 
 
@@ -37,7 +37,10 @@ async def adopt_agent(
     state_dir, agent_file = advert.get("state_dir"), advert.get("agent_file")
     if not isinstance(state_dir, str) or not isinstance(agent_file, str):
         return None
-    res = await runtime.exec(agent_mod.request_command(state_dir, {"op": "info"}))
+    try:
+        res = await runtime.exec(agent_mod.request_command(state_dir, {"op": "info"}))
+    except ModboxError:
+        return None  # the usual bootstrap then says what is wrong, if anything is
     try:
         answer = json.loads(res.stdout.strip() or "null")
     except ValueError:

@@ -598,6 +598,35 @@ def test_large_output_is_split_across_responses(both: AgentUnderTest) -> None:
     assert stdout_of(events) == "".join(str(i % 10) * 100_000 for i in range(100))
 
 
+def test_output_after_an_answer_cut_at_its_size_bound_is_kept(both: AgentUnderTest) -> None:
+    # Five 1 MB writes fill more than one answer: the answer taken during the pause
+    # stops at its bound, with the last event left behind. Text written after the
+    # pause must still arrive, and the cell must finish.
+    code = (
+        "import sys, time\n"
+        "for _ in range(5):\n"
+        "    sys.stdout.write('a' * 1_000_000)\n"
+        "    sys.stdout.flush()\n"
+        "time.sleep(1.0)\n"
+        "sys.stdout.write('b' * 1000)\n"
+        "print('end')\n"
+    )
+    payload = both.execute_payload(code, wait=0.6)
+    cid = payload["id"]
+    answer = both.request(payload)
+    assert answer.get("more"), "the first answer did not reach its size bound"
+    time.sleep(1.5)  # the rest is written while the cut answer's last event waits
+    events = list(answer["events"])
+    deadline = time.monotonic() + 20
+    while not answer["done"]:
+        assert time.monotonic() < deadline, "the cell never finished"
+        answer = both.request(protocol.poll_request(cid, since=answer["next"], wait=2.0))
+        events += answer["events"]
+    text = stdout_of(events)
+    assert text == "a" * 5_000_000 + "b" * 1000 + "end\n"
+    assert next(e for e in events if e["type"] == "done")["status"] == "ok"
+
+
 def test_a_pipelined_poll_goes_on_where_the_one_before_it_ended(both: AgentUnderTest) -> None:
     # Two polls out at once, as the kernel keeps them: the second names the first
     # (``after``) and answers from where the first ended, while its own ``since`` (what

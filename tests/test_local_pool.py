@@ -80,25 +80,25 @@ def test_pooled_sandboxes_are_hidden_until_a_create_takes_one(pooled: LocalServi
     assert _health(pooled)["sandboxes"] == 0
 
 
-def test_a_create_gets_a_ready_agent_and_its_env_vars(pooled: LocalService) -> None:
+def test_a_create_gets_a_ready_agent_and_its_key(pooled: LocalService) -> None:
     waiting = _pooled_ids(pooled)
-    sandbox = create_sandbox(pooled, task_id="takes-one", env_vars={"POOL_PROBE": "given"})
+    key = "pool-probe-key-" + "k" * 16
+    sandbox = create_sandbox(pooled, task_id="takes-one", env_vars={"SANDBOX_API_KEY": key})
     try:
         assert sandbox.id in waiting, "the create did not take a pooled sandbox"
         detail = _detail(pooled, sandbox.id)
         assert detail["name"] == "takes-one"
         advert = detail["agent"]
         assert isinstance(advert, dict) and advert["version"] == agent_mod.AGENT_VERSION
-        # Later commands see the creator's env_vars…
-        assert sandbox.exec("echo $POOL_PROBE")["stdout"] == "given\n"
+        # Later commands see the creator's key…
+        assert sandbox.exec("echo $SANDBOX_API_KEY")["stdout"] == key + "\n"
         # …and so does the agent's Python, which a cell would run in.
-        cell = {"op": "execute", "id": "c1", "code": "import os; print(os.environ['POOL_PROBE'])"}
-        cell |= {"wait": 10, "since": 0}
-        answer = json.loads(
-            sandbox.exec(agent_mod.request_command(advert["state_dir"], cell))["stdout"]
-        )
+        code = "import os; print(os.environ['SANDBOX_API_KEY'])"
+        cell = {"op": "execute", "id": "c1", "code": code, "wait": 10, "since": 0}
+        ran = sandbox.exec(agent_mod.request_command(advert["state_dir"], cell))
+        answer = json.loads(ran["stdout"])
         texts = [e.get("text", "") for e in answer["events"] if e.get("type") == "stream"]
-        assert "".join(texts) == "given\n"
+        assert "".join(texts) == key + "\n"
         # After a cell the agent is no longer pristine: it refuses a second handover's
         # environment, and says so to a kernel that would adopt it.
         refused = sandbox.exec(
@@ -111,6 +111,20 @@ def test_a_create_gets_a_ready_agent_and_its_env_vars(pooled: LocalService) -> N
         destroy_sandbox(sandbox)
     # The pool makes a replacement for the one taken.
     assert wait_until(lambda: _health(pooled)["pooled"] == POOL, 60)
+
+
+def test_other_env_vars_get_a_sandbox_made_for_them(pooled: LocalService) -> None:
+    # An agent reads some variables when it starts (PYTHONPATH, the locale): a create
+    # with variables beyond the key gets a new jail, its variables everywhere.
+    waiting = _pooled_ids(pooled)
+    sandbox = create_sandbox(pooled, env_vars={"POOL_PROBE": "given"})
+    try:
+        assert sandbox.id not in waiting
+        assert "agent" not in _detail(pooled, sandbox.id)
+        assert sandbox.exec("echo $POOL_PROBE")["stdout"] == "given\n"
+        assert _health(pooled)["pooled"] == POOL
+    finally:
+        destroy_sandbox(sandbox)
 
 
 def test_a_kernel_adopts_only_a_pristine_agent_of_its_version(pooled: LocalService) -> None:

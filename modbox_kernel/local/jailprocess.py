@@ -223,7 +223,7 @@ class JailProcess:
                     break
                 message = json.loads(await stdout.readexactly(length))
                 size = message.get("payloadBytes")
-                if isinstance(size, int):
+                if isinstance(size, int) and not isinstance(size, bool):
                     # A raw frame follows (the supervisor's ``send``): kept as bytes.
                     (length,) = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
                     if length != size or length > _MAX_FRAME:

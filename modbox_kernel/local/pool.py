@@ -17,14 +17,18 @@ that does not know it simply starts a second agent, which replaces the first.
 
 Freshness: a pooled sandbox is never handed out twice and nothing runs in it before
 the handover but the agent's start; its records are hidden from every query until
-then. At the handover the creator's ``env_vars`` reach the supervisor (for later
-commands) and the agent (``environ``, which the agent accepts only before its first
-cell), so the notebook's environment is what a sandbox made on demand would have.
+then. Only a create whose ``env_vars`` hold nothing but ``SANDBOX_API_KEY`` (what a
+kernel sends) takes one: an agent reads some variables when it starts (PYTHONPATH,
+the locale, its own switches), so other variables need an agent started after them.
+At the handover the key reaches the supervisor (for later commands) and the agent
+(``environ``, which the agent accepts only before its first cell), so the notebook's
+environment is what a sandbox made on demand would have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -96,8 +100,11 @@ class Pool:
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             log.warning("pooled sandbox %s could not be prepared: %s", sandbox.id, reason)
-            sandbox.error = f"pool: {reason}"
-            await self.registry.destroy(sandbox)
+            if sandbox.pooled and sandbox.status != DESTROYED:
+                sandbox.error = f"pool: {reason}"
+                await self.registry.destroy(sandbox)
+            # Already handed over: the creator gets the sandbox without a started agent
+            # (no ``agent`` in its detail), and its kernel starts one as usual.
             raise
         log.info("pooled sandbox %s ready (agent %s)", sandbox.id, agent_mod.AGENT_VERSION)
 
@@ -161,9 +168,16 @@ class Pool:
         together. The sandbox stays ``provisioning`` until the handover's task has given
         the creator's ``env_vars`` to its supervisor and its agent.
         """
+        if set(request.env_vars) - {"SANDBOX_API_KEY"}:
+            # The agent read its environment when it started (PYTHONPATH, locale, its own
+            # switches): a creator's other variables need an agent started after them.
+            return None
         while self._waiting:
             sandbox, task = self._waiting.pop(0)
-            if sandbox.status == DESTROYED or (task.done() and task.exception() is not None):
+            failed = task.done() and (task.cancelled() or task.exception() is not None)
+            if sandbox.status == DESTROYED or failed:
+                if self.refill:
+                    self._add()  # a lost pooled sandbox is replaced when it is noticed
                 continue
             sandbox.name = name
             sandbox.client_reference = request.client_reference
@@ -187,12 +201,15 @@ class Pool:
     async def _adopt(self, sandbox: Sandbox, prepared: asyncio.Task[None]) -> None:
         registry = self.registry
         try:
-            await asyncio.shield(prepared)
-            assert sandbox.jail is not None and sandbox.agent is not None
+            with contextlib.suppress(Exception):
+                await asyncio.shield(prepared)  # without an agent, the kernel starts one
+            if sandbox.status == DESTROYED or sandbox.jail is None:
+                raise RuntimeError(sandbox.error or "the jail did not start")
             if sandbox.env_vars:
                 answer = await sandbox.jail.request({"op": "init", "env": sandbox.env_vars}, 10)
                 if not answer.get("ok"):
                     raise RuntimeError(f"could not set env_vars: {answer.get('error')}")
+            if sandbox.env_vars and sandbox.agent is not None:
                 command = agent_mod.request_command(
                     sandbox.agent["state_dir"], {"op": "environ", "set": sandbox.env_vars}
                 )

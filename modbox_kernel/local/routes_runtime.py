@@ -134,8 +134,17 @@ async def ask_agent(request: Request) -> Response:
     if "\n" in payload or "\0" in payload:
         raise validation_error("body.request", "is one line without NUL bytes")
     timeout = opt_number(body, "timeout", 0, limits.exec_timeout_max)
+    if timeout is not None and timeout <= 0:
+        raise validation_error("body.timeout", "must be greater than 0")
     timeout = timeout if timeout is not None else limits.exec_timeout_default
     answer = await state.registry.ask_agent(sandbox, state_dir, payload, timeout)
+    if answer.get("spawnError") == "process_limit":
+        raise ServiceError(
+            503,
+            "upstream_error",
+            "The sandbox is at its process limit: its supervisor cannot take the request.",
+            retryable=True,
+        )
     if not answer.get("reached"):
         raise ServiceError(
             409,

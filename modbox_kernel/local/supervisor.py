@@ -144,8 +144,10 @@ class Supervisor:
                     threading.Thread(
                         target=self._agent_and_answer, args=(request,), daemon=True
                     ).start()
-                except RuntimeError:
-                    self.send({"id": rid, "ok": True, "reached": False, "error": "no thread"})
+                except RuntimeError:  # no thread: the sandbox is at its process limit
+                    self.send(
+                        {"id": rid, "ok": True, "reached": False, "spawnError": "process_limit"}
+                    )
             elif op == "init":
                 env = request.get("env") or {}
                 self._env.update({str(k): str(v) for k, v in env.items()})

@@ -85,6 +85,8 @@ class Cell:
             and last["type"] == protocol.EV_STREAM
             and last["name"] == name
             and last["seq"] >= self.fetched
+            # take() may have joined it while it stayed unfetched (the size bound)
+            and "_parts" in last
             and last["_len"] < MERGE_LIMIT
         ):
             last["_parts"].append(text)

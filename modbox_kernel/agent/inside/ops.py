@@ -161,7 +161,9 @@ class Requests:
             answer = cell.take(start, acknowledged=since)
             cell.last_answer_at = time.monotonic()
             if isinstance(rid, str):
-                cell.answered[rid] = int(answer["next"])
+                # The first answer to this rid stays: a late copy of a resent request
+                # reaches further than the answer the kernel may have used.
+                cell.answered.setdefault(rid, int(answer["next"]))
                 while len(cell.answered) > KEEP_ANSWERED:
                     del cell.answered[next(iter(cell.answered))]
                 cond.notify_all()  # the request queued after this one goes on
