@@ -217,15 +217,13 @@ class AgentChannel:
         self, cell_id: str, since: int, after: str | None
     ) -> tuple[asyncio.Future[dict[str, Any]], str]:
         rid = uuid.uuid4().hex[:12]
+        # A poll queued behind another waits twice as long: while a cell is silent the
+        # two then take turns, one answer a second, instead of both ending together.
+        wait = POLL_WAIT if after is None else 2 * POLL_WAIT
         poll = protocol.poll_request(
-            cell_id,
-            since=since,
-            wait=POLL_WAIT,
-            rid=rid,
-            after=after,
-            coalesce=MIN_STREAM_INTERVAL,
+            cell_id, since=since, wait=wait, rid=rid, after=after, coalesce=MIN_STREAM_INTERVAL
         )
-        task = asyncio.ensure_future(self.request_retrying(poll, read_timeout=POLL_WAIT + 10.0))
+        task = asyncio.ensure_future(self.request_retrying(poll, read_timeout=wait + 10.0))
         return task, rid
 
 
