@@ -27,24 +27,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from typing import Any
 
-from bench_kernel import interrupt_latency, pct, run_cell, stream_latencies, throughput
+from bench_kernel import interrupt_latency, pct, run_cell, start, stream_latencies, throughput
 from delayproxy import DelayProxy
-from jupyter_client.manager import KernelManager
-
-
-def start(name: str, env: dict[str, str]) -> tuple[KernelManager, Any, float]:
-    t0 = time.perf_counter()
-    km = KernelManager(kernel_name=name)
-    km.start_kernel(env=env)
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=120)
-    _, _, reply = run_cell(kc, "1+1", timeout=120)
-    assert reply["content"]["status"] == "ok", reply["content"]
-    return km, kc, time.perf_counter() - t0
 
 
 def figures(name: str, env: dict[str, str], rounds: int) -> dict[str, float]:

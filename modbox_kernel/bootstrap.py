@@ -1,24 +1,47 @@
 """Putting the agent into a new sandbox and starting it there (or starting it again).
 
-Who calls what, and when: the session (``session.py``) calls :func:`adopt_agent` while
-it provisions a sandbox, and when there is no agent to adopt :func:`install_agent` and
-then :func:`start_agent`; it calls :func:`restart_agent` when the kernel gives up on a
-cell that ignored its interrupt. The agent is the one-file
-artifact built by ``modbox_kernel.agent``; its start line is one JSON object
-(``docs/agent-protocol.md``).
+Who calls what, and when: the session (``session.py``) calls :func:`prepare_agent` while
+it provisions a sandbox (which adopts an agent started in advance, or installs and
+starts one: :func:`adopt_agent`, :func:`install_agent`, :func:`start_agent`), and
+:func:`restart_agent` when the kernel gives up on a cell that ignored its interrupt.
+The agent is the one-file artifact built by ``modbox_kernel.agent``; its start line is
+one JSON object (``docs/agent-protocol.md``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import posixpath
 import shlex
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import agent as agent_mod
 from .api import SandboxRuntime
 from .errors import AgentError, ModboxError
 from .uploads import put_file, tail
+
+
+async def prepare_agent(
+    runtime: SandboxRuntime, advert: Any, left: Callable[[], float]
+) -> tuple[str, str, Awaitable[dict[str, Any]]]:
+    """(state dir, agent file, the agent's start line to await) for a new sandbox.
+
+    ``advert`` is the detail's ``agent`` field (:func:`adopt_agent`); ``left()`` gives
+    the seconds the startup deadline leaves for each step. The start line is returned
+    unawaited, so the caller can copy the notebook's folder while the agent starts.
+    """
+    adopted = await asyncio.wait_for(adopt_agent(runtime, advert), left())
+    if adopted is not None:
+        state_dir, agent_file, started = adopted
+        return state_dir, agent_file, asyncio.sleep(0, started)
+    state_dir, agent_file = await asyncio.wait_for(install_agent(runtime), left())
+    return (
+        state_dir,
+        agent_file,
+        asyncio.wait_for(start_agent(runtime, state_dir, agent_file), left()),
+    )
 
 
 async def adopt_agent(

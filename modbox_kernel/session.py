@@ -276,19 +276,9 @@ class SandboxSession:
             info = info.merged(detail)
             runtime = client.runtime(info, api_key)
             # The whole start, agent included, fits in MODBOX_STARTUP_TIMEOUT.
-            adopted = await asyncio.wait_for(
-                bootstrap.adopt_agent(runtime, info.raw.get("agent")), left()
+            state_dir, agent_file, starting = await bootstrap.prepare_agent(
+                runtime, info.raw.get("agent"), left
             )
-            if adopted is not None:
-                state_dir, agent_file, started = adopted
-                starting: Awaitable[dict[str, Any]] = asyncio.sleep(0, started)
-            else:
-                state_dir, agent_file = await asyncio.wait_for(
-                    bootstrap.install_agent(runtime), left()
-                )
-                starting = asyncio.wait_for(
-                    bootstrap.start_agent(runtime, state_dir, agent_file), left()
-                )
             uploads_at = bootstrap.upload_dir(state_dir, agent_file)
             copy_notice = None
             if packing is None or cfg.copy_folder is None:

@@ -10,9 +10,10 @@ Modules, in call order: ``__main__`` (CLI, startup line; ``check`` for ``--check
 → ``isolation`` (probe, choose the jail) and ``cgroups`` (limits) → ``app``
 (Starlette, envelope, request ids, Host check) → ``routes_control`` /
 ``routes_runtime`` (``owners`` says who calls) → ``registry`` (lifecycle, TTL,
-leases, limit events; ``records`` holds a sandbox's record; ``admission`` caps creates
-and ``waitline`` orders those waiting at capacity; ``usage`` books what each owner
-used; ``pool`` keeps sandboxes ready with the kernel's agent started) →
+leases, limit events; ``jailcalls`` relays exec and agent requests; ``records``
+holds a sandbox's record; ``admission`` caps creates and ``waitline`` orders those
+waiting at capacity; ``usage`` books what each owner used; ``pool`` keeps sandboxes
+ready with the kernel's agent started) →
 ``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the jail; it also
 relays the ``agent`` route's requests). ``jail`` builds the argv with ``launcher``
 (cgroups, privilege drop) and ``seccomp`` (the filter), ``files`` does symlink-proof

@@ -2,9 +2,9 @@
 
 Who calls what: the control-plane routes call :meth:`Registry.create`, ``get``,
 ``find_live_by_name``, ``list``, :meth:`Registry.wait_ready` and
-:meth:`Registry.destroy`; the runtime routes call :meth:`Registry.exec`. ``app``'s
-lifespan starts the reaper (:meth:`Registry.run_reaper`) and calls
-:meth:`Registry.close` on shutdown, which destroys every live sandbox.
+:meth:`Registry.destroy`; the runtime routes call ``exec`` and ``ask_agent`` (inherited
+from ``jailcalls``). ``app``'s lifespan starts the reaper (:meth:`Registry.run_reaper`)
+and calls :meth:`Registry.close` on shutdown, which destroys every live sandbox.
 
 Lifecycle: ``provisioning`` (record exists, jail starting in a background task) →
 ``running`` (the supervisor said hello) → ``destroyed`` (by DELETE, TTL expiry, jail
@@ -38,6 +38,7 @@ from .cgroups import CgroupManager
 from .config import ServiceConfig
 from .envelope import ServiceError
 from .jail import Jail, JailSpec
+from .jailcalls import JailCalls
 from .jailprocess import JailGone, JailProcess
 from .procscan import kill_sandbox_processes
 from .records import (
@@ -51,7 +52,6 @@ from .records import (
     not_found,
     oom_reason,
     utcnow,
-    with_limit_event,
 )
 from .usage import UsageBook
 from .waitline import WaitLine
@@ -75,14 +75,11 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 30.0
 # Destroyed records are kept for listing (as Modbox does), but not without bound.
 KEEP_DESTROYED = 1000
-# Extra time the service waits beyond an exec's own limit before it gives up on the
-# supervisor (which enforces the limit itself and normally answers first).
-EXEC_BACKSTOP_S = 30.0
 # How often the reaper looks for expired TTLs and OOM kills nobody has noticed yet.
 REAPER_INTERVAL_S = 0.5
 
 
-class Registry:
+class Registry(JailCalls):
     """All sandboxes of the service, keyed by id, newest last."""
 
     def __init__(self, config: ServiceConfig, jail: Jail, cgroups: CgroupManager) -> None:
@@ -340,86 +337,6 @@ class Registry:
         elif sandbox.status == DESTROYED:
             body["reason"] = sandbox.error or "destroyed"
         return body
-
-    # -- exec ------------------------------------------------------------------
-
-    async def exec(
-        self, sandbox: Sandbox, command: str, timeout: float, *, internal: bool = False
-    ) -> dict[str, Any]:
-        """Run ``command`` in the sandbox; ``internal``: the pool prepares a sandbox
-        that is still provisioning (hidden) for whoever will take it."""
-        message = {
-            "op": "exec",
-            "command": command,
-            "timeout": timeout,
-            "cap": self.config.limits.output_cap,
-        }
-        fork_failures = sandbox.cgroup.pids_limit_hits() if sandbox.cgroup else 0
-        answer = await self._ask_jail(sandbox, message, timeout, internal=internal)
-        if answer.get("spawnError") == "process_limit" and sandbox.status != DESTROYED:
-            self._end(
-                sandbox,
-                f"process limit reached ({self.config.limits.nproc} processes and threads): "
-                "no command can start in the sandbox any more (a fork bomb?)",
-            )
-            raise gone(sandbox)
-        result = {k: v for k, v in answer.items() if k not in ("id", "ok")}
-        if sandbox.cgroup is not None:
-            fork_failures = sandbox.cgroup.pids_limit_hits() - fork_failures
-        else:
-            fork_failures = 0
-        if result.get("timedOut"):
-            self.usage.count_event(sandbox, "time_limits")
-        return with_limit_event(result, fork_failures, self.config.limits)
-
-    async def ask_agent(
-        self, sandbox: Sandbox, state_dir: str, body: str, timeout: float
-    ) -> dict[str, Any]:
-        """Relay one request to the kernel agent in ``state_dir`` (the supervisor's
-        ``agent`` op; ``routes_runtime`` turns the answer into the ``agent`` route's)."""
-        message = {
-            "op": "agent",
-            "state_dir": state_dir,
-            "body": body,
-            "timeout": timeout,
-            "cap": 2 * self.config.limits.output_cap,
-        }
-        return await self._ask_jail(sandbox, message, timeout)
-
-    async def _ask_jail(
-        self, sandbox: Sandbox, message: dict[str, Any], timeout: float, *, internal: bool = False
-    ) -> dict[str, Any]:
-        if sandbox.status == PROVISIONING and not internal:
-            raise ServiceError(
-                409,
-                "sandbox_not_ready",
-                f"Sandbox {sandbox.id} is still provisioning.",
-                hint="Wait for it with POST /sandboxes/{id}/wait.",
-                retryable=True,
-            )
-        if sandbox.status == DESTROYED or sandbox.jail is None:
-            raise gone(sandbox)
-        try:
-            answer = await sandbox.jail.request(message, timeout + EXEC_BACKSTOP_S)
-        except JailGone:
-            raise gone(sandbox) from None
-        except asyncio.TimeoutError:
-            raise ServiceError(
-                504,
-                "upstream_error",
-                f"Sandbox {sandbox.id} did not answer within {timeout + EXEC_BACKSTOP_S:g} s.",
-                retryable=False,
-            ) from None
-        if self._end_if_oom(sandbox):
-            # Whatever this command printed, the sandbox it ran in is gone.
-            raise gone(sandbox)
-        if not answer.get("ok"):
-            raise ServiceError(
-                500,
-                "internal_error",
-                f"The sandbox could not run the command: {answer.get('error')}",
-            )
-        return answer
 
     # -- destroy ---------------------------------------------------------------
 

@@ -53,6 +53,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 # How long to keep collecting output after ``bash -c`` itself has exited. A background
 # child that inherited stdout (``nohup sleep 100 &`` without redirection) keeps the
@@ -133,21 +134,15 @@ class Supervisor:
             op = request.get("op")
             rid = request.get("id")
             if op == "exec":
-                try:
-                    threading.Thread(
-                        target=self._exec_and_answer, args=(request,), daemon=True
-                    ).start()
-                except RuntimeError:  # no thread: the sandbox is at its process limit
-                    self.send({"id": rid, "ok": True, **_at_process_limit(time.monotonic())})
+                self._in_thread(
+                    self._exec_and_answer, request, lambda: _at_process_limit(time.monotonic())
+                )
             elif op == "agent":
-                try:
-                    threading.Thread(
-                        target=self._agent_and_answer, args=(request,), daemon=True
-                    ).start()
-                except RuntimeError:  # no thread: the sandbox is at its process limit
-                    self.send(
-                        {"id": rid, "ok": True, "reached": False, "spawnError": "process_limit"}
-                    )
+                self._in_thread(
+                    self._agent_and_answer,
+                    request,
+                    lambda: {"reached": False, "spawnError": "process_limit"},
+                )
             elif op == "init":
                 env = request.get("env") or {}
                 self._env.update({str(k): str(v) for k, v in env.items()})
@@ -180,6 +175,16 @@ class Supervisor:
         except Exception as exc:  # answer instead of leaving the service waiting
             result = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self.send(result)
+
+    def _in_thread(
+        self, target: Callable[[dict], None], request: dict, at_limit: Callable[[], dict]
+    ) -> None:
+        """Handle ``request`` on a thread of its own; ``at_limit()`` answers it when no
+        thread can start (the sandbox is at its process limit)."""
+        try:
+            threading.Thread(target=target, args=(request,), daemon=True).start()
+        except RuntimeError:
+            self.send({"id": request.get("id"), "ok": True, **at_limit()})
 
     def _agent_and_answer(self, request: dict) -> None:
         rid = request.get("id")
