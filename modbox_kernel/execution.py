@@ -116,6 +116,12 @@ class CellExecution:
             return self._error_reply(relay, "ModboxError", str(exc), [red(str(exc))])
         relay.flush()
         await relay.settle()
+        # The cell's files reach the host before its reply, as a local kernel's would.
+        notices = await self.sandbox.files.after_cell(done.get("files"))
+        for notice in notices:
+            relay.stream("stderr", notice + "\n")
+        if notices:
+            relay.flush()
         return self._reply_from_done(done)
 
     async def _wait_for_sandbox(self, relay: OutputRelay) -> None:

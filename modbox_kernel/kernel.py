@@ -40,10 +40,12 @@ from .commforward import CommForwarder, ParentOrder
 from .embedded import discard_early
 from .errors import ModboxError
 from .execution import CellExecution
+from .filesync import SyncSettings
 from .idleoutput import IdleOutput
 from .relay import OutputRelay, Publish
 from .session import SandboxSession, SessionConfig
 from .settings import EnvSettings, KernelSettings
+from .workdir import check_root
 
 
 class ModboxKernel(KernelSettings, Kernel):
@@ -71,6 +73,11 @@ class ModboxKernel(KernelSettings, Kernel):
         # Before the traits: their defaults read it (a bad value is kept as a problem).
         self._env = EnvSettings()
         super().__init__(**kwargs)
+        folder = _working_directory()
+        if folder is not None and self.copy_workdir:
+            problem = check_root(folder, self.copy_root)
+            if problem:
+                self._env.add_problem("MODBOX_COPY_ROOT", problem)
         self.sandbox = SandboxSession(
             SessionConfig(
                 backend=self.backend,
@@ -82,8 +89,14 @@ class ModboxKernel(KernelSettings, Kernel):
                 ttl_seconds=self.ttl_seconds,
                 env_vars=dict(self.sandbox_env),
                 startup_timeout=self.startup_timeout,
-                copy_folder=_working_directory() if self.copy_workdir else None,
+                copy_folder=folder if self.copy_workdir else None,
                 copy_limit=max(0, self.copy_limit),
+                copy_root=self.copy_root,
+                sync=SyncSettings(
+                    mode=self.sync if self.sync in ("cell", "shutdown", "never") else "cell",
+                    file_limit=max(0, self.sync_file_limit),
+                    cell_limit=max(0, self.sync_limit),
+                ),
             )
         )
         # Threads' and timers' output while no cell runs, published as ipykernel does.
@@ -418,7 +431,9 @@ class ModboxKernel(KernelSettings, Kernel):
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         future = asyncio.run_coroutine_threadsafe(self.sandbox.close(), self.io_loop.asyncio_loop)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(future), timeout=2.0)
+            # Room for the last files to come back (session.FINAL_SYNC_WAIT), within
+            # the 5 s jupyter_client waits before it kills the kernel.
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout=4.5)
         except Exception as exc:  # a stuck loop or a slow service: destroy without it
             self.log.warning("sandbox teardown on the main loop did not finish (%r)", exc)
             await asyncio.to_thread(self.sandbox.close_blocking)

@@ -44,13 +44,14 @@ from .errors import (
     SandboxLostError,
     ServiceUnreachableError,
 )
-from .foldercopy import copy_folder
+from .filesync import FileSync, SyncSettings
+from .foldercopy import place_folder
 from .keeper import SandboxKeeper, sweep
 from .loss import diagnose_loss
 from .notices import Notices
 from .protocol import CellRequest
 from .queueing import create_in_line, new_key
-from .workdir import Packed, pack_folder
+from .workdir import Packed, pack_for
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ LOSS_DIAGNOSIS_WAIT = 1.5
 # A sandbox this close to its TTL (or 10 % of the TTL, if less) is replaced before the
 # next cell instead of being used until the reaper destroys it mid-cell.
 TTL_REPLACE_MARGIN = 10.0
+# How long shutdown waits for the last files to come back: jupyter_client kills a
+# kernel that has not exited 5 s after its shutdown request.
+FINAL_SYNC_WAIT = 3.0
 
 
 @dataclass
@@ -79,6 +83,8 @@ class SessionConfig:
     startup_timeout: float = 120.0
     copy_folder: str | None = None  # copied into each new sandbox's working directory
     copy_limit: int = 32 * 1024 * 1024  # bytes of files; beyond it nothing is copied
+    copy_root: str = "auto"  # auto | folder | an absolute path (workdir.find_root)
+    sync: SyncSettings = field(default_factory=SyncSettings)  # files coming back
 
     @property
     def resolved_backend(self) -> str:
@@ -128,6 +134,8 @@ class SandboxSession:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._swept = False
         self._changed = asyncio.Event()  # set whenever _sandbox changes or we close
+        # The working folder's files on their way back to the host (filesync.py).
+        self.files = FileSync(config.sync)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,7 +217,9 @@ class SandboxSession:
         cfg = self.config
         # Packing the notebook's folder needs no sandbox: do it while one is made.
         packing = (
-            asyncio.ensure_future(asyncio.to_thread(pack_folder, cfg.copy_folder, cfg.copy_limit))
+            asyncio.ensure_future(
+                asyncio.to_thread(pack_for, cfg.copy_folder, cfg.copy_root, cfg.copy_limit)
+            )
             if cfg.copy_folder
             else None
         )
@@ -280,27 +290,22 @@ class SandboxSession:
                 runtime, info.raw.get("agent"), left
             )
             uploads_at = bootstrap.upload_dir(state_dir, agent_file)
-            copy_notice = None
-            if packing is None or cfg.copy_folder is None:
-                agent_info = await starting
-            else:
-                # The copy goes alongside the agent's start; it never raises.
-                copying = asyncio.ensure_future(
-                    copy_folder(
-                        runtime,
-                        cfg.copy_folder,
-                        packing,
-                        state_dir=state_dir,
-                        upload_dir=uploads_at,
-                        left=left,
-                    )
+            # The working folder is made and filled while the agent starts.
+            placing = asyncio.ensure_future(
+                place_folder(
+                    runtime, packing, state_dir=state_dir, upload_dir=uploads_at, left=left
                 )
-                try:
-                    agent_info = await starting
-                    copy_notice = await copying
-                except BaseException:
-                    copying.cancel()
-                    raise
+            )
+            try:
+                agent_info = await starting
+                placed = await placing
+            except BaseException:
+                placing.cancel()
+                raise
+            channel = AgentChannel(
+                runtime, state_dir, upload_dir=uploads_at, give_up=self._backend.service_died
+            )
+            await asyncio.wait_for(self.files.enter(channel, placed), left())
         except BaseException as exc:
             # Never leave a half-made sandbox behind, whatever went wrong.
             with contextlib.suppress(Exception):
@@ -317,16 +322,14 @@ class SandboxSession:
         sandbox = _Sandbox(
             info=info,
             runtime=runtime,
-            channel=AgentChannel(
-                runtime, state_dir, upload_dir=uploads_at, give_up=self._backend.service_died
-            ),
+            channel=channel,
             agent_file=agent_file,
             agent_info=agent_info,
             keeper=keeper,
             created=t0,  # no later than the service's own clock for its TTL
         )
         self._set_sandbox(sandbox)
-        self.notices.copy = copy_notice
+        self.notices.copy = placed.notice
         log.info(
             "sandbox %s ready in %.2f s (python %s, ipython %s)",
             info.id,
@@ -350,6 +353,7 @@ class SandboxSession:
             sandbox.agent_info = await bootstrap.restart_agent(
                 sandbox.runtime, sandbox.state_dir, sandbox.agent_file
             )
+            await self.files.reenter(sandbox.channel)
         except ModboxError as exc:
             log.warning("agent restart failed (%s); the next cell gets a new sandbox", exc)
             self._forget(sandbox, "the sandbox stopped answering after an interrupt")
@@ -375,6 +379,12 @@ class SandboxSession:
             self._provisioning.cancel()
             with contextlib.suppress(BaseException):
                 await self._provisioning
+        if self._sandbox is not None:
+            # The files written since the last cell (or all, with MODBOX_SYNC=shutdown):
+            # on the host before the sandbox goes, so batch runs end with them in place.
+            with contextlib.suppress(Exception):
+                for notice in await asyncio.wait_for(self.files.final(), FINAL_SYNC_WAIT):
+                    log.warning("%s", notice)
         sandbox, self._sandbox = self._sandbox, None
         client = self._backend.current_client
         if sandbox is not None and client is not None:

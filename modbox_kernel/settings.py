@@ -98,6 +98,14 @@ SETTINGS: dict[str, Setting] = {
     "copy_limit": Setting(
         "MODBOX_COPY_LIMIT", "integer", 32 * 1024 * 1024, minimum=0, unit="of bytes"
     ),
+    "copy_root": Setting("MODBOX_COPY_ROOT", "text", "auto"),
+    "sync": Setting("MODBOX_SYNC", "choice", "cell", choices=("cell", "shutdown", "never")),
+    "sync_limit": Setting(
+        "MODBOX_SYNC_LIMIT", "integer", 256 * 1024 * 1024, minimum=0, unit="of bytes"
+    ),
+    "sync_file_limit": Setting(
+        "MODBOX_SYNC_FILE_LIMIT", "integer", 64 * 1024 * 1024, minimum=0, unit="of bytes"
+    ),
     # Read by the embedded local service, which inherits the kernel's environment.
     "local_isolation": Setting(
         "MODBOX_LOCAL_ISOLATION", "choice", "auto", choices=("auto", "bwrap", "none")
@@ -124,6 +132,10 @@ class EnvSettings:
     def problems(self) -> list[str]:
         """One sentence per malformed variable, in table order."""
         return list(self._problems.values())
+
+    def add_problem(self, env: str, sentence: str) -> None:
+        """A setting that parsed but cannot be used (checked by its user)."""
+        self._problems[env] = sentence
 
     def value(self, name: str) -> str | int | float | bool:
         """The value of setting ``name``: its variable's, else (unset, empty, bad) the default."""
@@ -206,6 +218,40 @@ class KernelSettings(HasTraits):
         help="Copy the notebook's folder only if its files total at most this many bytes "
         "(env MODBOX_COPY_LIMIT)."
     ).tag(config=True)
+
+    copy_root = Unicode(
+        help="Which host folder is copied: 'auto' (the repository root holding .git above "
+        "the notebook, when it fits MODBOX_COPY_LIMIT, else the notebook's folder), "
+        "'folder' (the notebook's folder), or an absolute path of a folder that contains "
+        "the notebook's; '../data' then resolves as on the host (env MODBOX_COPY_ROOT)."
+    ).tag(config=True)
+    sync = Unicode(
+        help="When files written in the sandbox's working folder come back to the host "
+        "folder: 'cell' (after each cell), 'shutdown' or 'never' (env MODBOX_SYNC)."
+    ).tag(config=True)
+    sync_limit = Int(
+        help="Bytes of files copied back after one cell, 0 = unlimited (env MODBOX_SYNC_LIMIT)."
+    ).tag(config=True)
+    sync_file_limit = Int(
+        help="Largest file copied back automatically, in bytes, 0 = unlimited "
+        "(env MODBOX_SYNC_FILE_LIMIT); '%modbox pull' copies larger ones."
+    ).tag(config=True)
+
+    @default("copy_root")
+    def _default_copy_root(self) -> str:
+        return self._env.text("copy_root")
+
+    @default("sync")
+    def _default_sync(self) -> str:
+        return self._env.text("sync")
+
+    @default("sync_limit")
+    def _default_sync_limit(self) -> int:
+        return self._env.integer("sync_limit")
+
+    @default("sync_file_limit")
+    def _default_sync_file_limit(self) -> int:
+        return self._env.integer("sync_file_limit")
 
     @default("api_url")
     def _default_api_url(self) -> str:

@@ -46,6 +46,10 @@ REQUIRED_BWRAP_FLAGS = (
     "--clearenv",
     "--size",
 )
+# The account the sandbox's code runs as, in the passwd and group the jail is given
+# (the host's account list stays outside): getpass.getuser(), whoami and "~" work.
+SANDBOX_USER = "sandbox"
+
 # Newer hardening (bwrap >= 0.8); used when present, logged when absent.
 OPTIONAL_BWRAP_FLAGS = ("--disable-userns", "--assert-userns-disabled")
 
@@ -54,8 +58,6 @@ ETC_FILES = (
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
-    "passwd",
-    "group",
     "nsswitch.conf",
     "hosts",
     "localtime",
@@ -149,7 +151,11 @@ class Jail:
             seccomp_fd = self._seccomp_fd()
             if seccomp_fd is not None:
                 child_fds.append(seccomp_fd)
-            argv = self.argv(spec, channel_fd=child_fds[0], seccomp_fd=seccomp_fd)
+            data_fds = self._data_fds(spec)
+            child_fds.extend(data_fds.values())
+            argv = self.argv(
+                spec, channel_fd=child_fds[0], seccomp_fd=seccomp_fd, data_fds=data_fds
+            )
         except BaseException:
             for fd in child_fds:
                 os.close(fd)
@@ -160,7 +166,17 @@ class Jail:
     def _seccomp_fd(self) -> int | None:
         return None
 
-    def argv(self, spec: JailSpec, channel_fd: int, seccomp_fd: int | None = None) -> list[str]:
+    def _data_fds(self, spec: JailSpec) -> dict[str, int]:
+        """Files the jail is given as data (path inside → fd the child reads them from)."""
+        return {}
+
+    def argv(
+        self,
+        spec: JailSpec,
+        channel_fd: int,
+        seccomp_fd: int | None = None,
+        data_fds: dict[str, int] | None = None,
+    ) -> list[str]:
         return launcher.prefix(self.privilege, spec.cgroup_procs, []) + self._inner(
             spec, SUPERVISOR_SOURCE.as_posix(), channel_fd
         )
@@ -210,6 +226,7 @@ class BwrapJail(Jail):
         if not spec.network:
             # No network: let `pip install` fail at once instead of after 5 retries.
             env["PIP_RETRIES"] = "0"
+        env["USER"] = env["LOGNAME"] = SANDBOX_USER if self.privilege.owner[0] else "root"
         return env
 
     def _seccomp_fd(self) -> int | None:
@@ -217,13 +234,29 @@ class BwrapJail(Jail):
             return None
         return seccomp.program_fd(self.seccomp_program)
 
-    def argv(self, spec: JailSpec, channel_fd: int, seccomp_fd: int | None = None) -> list[str]:
+    def _data_fds(self, spec: JailSpec) -> dict[str, int]:
+        uid, gid = self.privilege.owner
+        return {
+            "/etc/passwd": _memfd("passwd", passwd_text(uid, gid)),
+            "/etc/group": _memfd("group", group_text(gid)),
+        }
+
+    def argv(
+        self,
+        spec: JailSpec,
+        channel_fd: int,
+        seccomp_fd: int | None = None,
+        data_fds: dict[str, int] | None = None,
+    ) -> list[str]:
         ro_sources = [*python_dirs(), str(SUPERVISOR_SOURCE)]
+        data = [
+            a for dest, fd in (data_fds or {}).items() for a in ("--ro-bind-data", str(fd), dest)
+        ]
         return [
             *launcher.prefix(self.privilege, spec.cgroup_procs, ro_sources),
             self.bwrap,
             *self._namespace_flags(spec),
-            *self._mounts(spec, ro_sources),
+            *self._mounts(spec, ro_sources, data),
             *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
             "--clearenv",
             *[arg for k, v in self.env(spec).items() for arg in ("--setenv", k, v)],
@@ -244,7 +277,7 @@ class BwrapJail(Jail):
         flags += ["--hostname", JAIL_HOSTNAME]
         return flags
 
-    def _mounts(self, spec: JailSpec, ro_sources: list[str]) -> list[str]:
+    def _mounts(self, spec: JailSpec, ro_sources: list[str], data: list[str]) -> list[str]:
         lim = spec.limits
         args = ["--ro-bind", "/usr", "/usr"]
         args += _root_links()
@@ -268,10 +301,40 @@ class BwrapJail(Jail):
         # pages count toward the sandbox's memory cgroup, and it dies with the jail.
         args += ["--size", str(lim.workspace_size), "--tmpfs", JAIL_WORKSPACE]
         args += ["--dir", f"{JAIL_WORKSPACE}/uploads"]
+        args += data
         # Last: the jail's root is a tmpfs bwrap built; without this, /etc, /opt and /
         # itself would be writable (privately, but "read-only system" means read-only).
         args += ["--remount-ro", "/"]
         return args
+
+
+def passwd_text(uid: int, gid: int) -> str:
+    """The jail's /etc/passwd: root, the sandbox's user (home: the workspace), nobody."""
+    lines = ["root:x:0:0:root:/root:/bin/bash"]
+    if uid != 0:
+        lines.append(f"{SANDBOX_USER}:x:{uid}:{gid}:Modbox sandbox:{JAIL_WORKSPACE}:/bin/bash")
+    lines.append("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin")
+    return "\n".join(lines) + "\n"
+
+
+def group_text(gid: int) -> str:
+    lines = ["root:x:0:"]
+    if gid != 0:
+        lines.append(f"{SANDBOX_USER}:x:{gid}:")
+    lines.append("nogroup:x:65534:")
+    return "\n".join(lines) + "\n"
+
+
+def _memfd(name: str, text: str) -> int:
+    """An fd whose content bwrap copies into the jail (``--ro-bind-data``)."""
+    fd = os.memfd_create(f"modbox-{name}", os.MFD_CLOEXEC)  # pass_fds hands it over
+    try:
+        os.write(fd, text.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _python() -> str:

@@ -35,6 +35,7 @@ from .stdin import stdin_patched
 from .tracebacks import format_exception
 from .warmup import Gate, warm_up_jedi
 from .wire import Event, snapshot
+from .workfiles import Tracker
 
 #: How long a complete/inspect/history request waits for the main thread.
 META_TIMEOUT_SECONDS = 10.0
@@ -63,6 +64,8 @@ class Agent:
         self.jedi_warm_up: Optional[threading.Thread] = None
         self.comm_manager: Any = None  # comm.base_comm.CommManager, once the runner exists
         self.io = OutputCapture(self, log_fd)
+        # The working folder's files: what each cell changed goes into its done event.
+        self.files = Tracker()
         self.main_ident = threading.get_ident()
         self.pid = os.getpid()
         self.port = 0
@@ -95,6 +98,7 @@ class Agent:
             "mode": self.mode,
             "ready": self.ready.is_set(),
             "pristine": self.pristine,
+            "usage": _usage(),
         }
 
     # -- interrupts
@@ -289,6 +293,10 @@ class Agent:
         self._sigint_pending = False
         self.io.flush_c_stdio()
         self.io.drain()
+        if cell.comm is None:
+            changed = self.files.after_cell()
+            if changed is not None:
+                done["files"] = changed
         done_event = snapshot({"type": "done", "execution_count": cell.execution_count, **done})
         with self.io.lock:
             with self.cond:
@@ -313,6 +321,32 @@ class Agent:
         log.info("shutting down")
         remove_state_files(self.state_dir, os.getpid())
         os._exit(0)
+
+
+def _usage() -> Dict[str, Any]:
+    """CPU seconds of the agent and its finished children, and the memory in use: the
+    sandbox's cgroup when it can be read (all its processes), else the agent's RSS."""
+    times = os.times()
+    cpu = times.user + times.system + times.children_user + times.children_system
+    usage: Dict[str, Any] = {"cpu_seconds": round(cpu, 3)}
+    try:
+        usage["cwd"] = os.getcwd()
+    except OSError:  # removed by the notebook
+        usage["cwd"] = None
+    for path, scope in (
+        ("/sys/fs/cgroup/memory.current", "sandbox"),
+        ("/proc/self/statm", "agent"),
+    ):
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        pages = 1 if scope == "sandbox" else os.sysconf("SC_PAGE_SIZE")
+        usage["memory_bytes"] = int(fields[0 if scope == "sandbox" else 1]) * pages
+        usage["memory_scope"] = scope
+        break
+    return usage
 
 
 def _ipython_version_without_import() -> Optional[str]:

@@ -163,4 +163,16 @@ def kernel_magics(shell: Any) -> Any:
                 stacklevel=2,
             )
 
+        @line_magic
+        def modbox(self, arg_s: str) -> None:
+            """Modbox Python's own commands (status, pull, push), run by the kernel.
+
+            The kernel handles a cell made only of ``%modbox`` lines before the sandbox
+            sees it; this one only meets them mixed with code.
+            """
+            raise UsageError(
+                "%modbox is handled by the kernel, not in the sandbox: put %modbox lines "
+                "in a cell of their own (run %modbox? there for its help)"
+            )
+
     return SandboxKernelMagics(shell=shell)

@@ -15,7 +15,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict
 
-from . import comms, protocol
+from . import comms, protocol, workfiles
 from .cells import KEEP_CELLS, Cell
 from .wire import MAX_WAIT_SECONDS, decode_request, snapshot
 
@@ -260,6 +260,25 @@ class Requests:
             return {"ok": False, "error": "environ needs a 'set' object, before any cell"}
         os.environ.update({str(k): str(v) for k, v in values.items()})
         return {"ok": True}
+
+    # -- the working folder and its files (``workfiles``)
+    def op_workdir(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        with self.agent.cond:
+            if self.agent.current is not None:
+                return {"ok": False, "error": "workdir while a cell runs"}
+        return workfiles.change_dir(req, self.agent.files)
+
+    def op_files(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return {"ok": True, "files": self.agent.files.changes()}
+
+    def op_read(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return workfiles.read_files(req)
+
+    def op_list(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return workfiles.list_files(req)
+
+    def op_write(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return workfiles.write_file(req)
 
     def op_shutdown(self, req: Dict[str, Any]) -> Dict[str, Any]:
         return {"ok": True, "_then_exit": True}

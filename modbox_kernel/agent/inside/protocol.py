@@ -28,6 +28,13 @@ OP_ENVIRON = "environ"
 #: the cursor of ``poll`` (``since``, ``wait``); the answer also carries ``epoch``, which
 #: changes when the agent is replaced (its numbering starts again at 0).
 OP_BACKGROUND = "background"
+#: The working folder and its files (``workfiles``): enter it and track what cells
+#: change there; what changed since the last look; read, list and write files.
+OP_WORKDIR = "workdir"
+OP_FILES = "files"
+OP_READ = "read"
+OP_LIST = "list"
+OP_WRITE = "write"
 
 #: Ops answered from the user's namespace on the main thread (``{"ok", "reply"}``).
 QUERY_OPS: Tuple[str, ...] = (
