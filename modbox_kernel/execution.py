@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import protocol
@@ -68,6 +69,40 @@ class CellExecution:
             relay.flush()
             log.exception("cell failed in the kernel")
             return self._error_reply(relay, type(exc).__name__, str(exc), [f"{exc}"])
+
+    async def run_magic(
+        self, count: int, run: Callable[[], Awaitable[list[dict[str, Any]]]], relay: OutputRelay
+    ) -> dict[str, Any]:
+        """The reply for a cell of ``%modbox`` lines, which the kernel runs itself
+        (``magic.py``): ``run()`` gives its payloads or raises MagicError."""
+        from .magic import MagicError
+
+        self._count = count
+        if self._problems:
+            return await self._run_cell(protocol.CellRequest(code=""), relay)
+
+        async def interruptible() -> dict[str, Any]:
+            # Nothing runs in the sandbox's Python: an interrupt just stops waiting.
+            self.control.waiting_for_sandbox = True
+            payload = await run()
+            return {
+                "status": "ok",
+                "execution_count": count,
+                "payload": payload,
+                "user_expressions": {},
+            }
+
+        try:
+            return await self.control.run(interruptible(), 0)
+        except asyncio.CancelledError:
+            text = "%modbox was interrupted"
+            return self._error_reply(relay, "KeyboardInterrupt", text, [red(text)])
+        except MagicError as exc:
+            text = str(exc)
+            return self._error_reply(relay, "UsageError", text, [red(f"UsageError: {text}")])
+        except Exception as exc:  # never let an exception escape: no reply = hung client
+            log.exception("%%modbox failed")
+            return self._error_reply(relay, type(exc).__name__, str(exc), [red(str(exc))])
 
     async def _escalated_reply(self, relay: OutputRelay) -> dict[str, Any]:
         try:

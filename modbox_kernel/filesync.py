@@ -276,7 +276,7 @@ class FileSync:
             name = f"{target}/{rel}" if rel else target
             source = posixpath.join(base, rel) if rel else base
             try:
-                incoming = self.host.open_new(name)
+                incoming = self.host.open_new(name, hidden=True)
             except Refused as exc:
                 failed.append(f"{name} ({exc})")
                 continue

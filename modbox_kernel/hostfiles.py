@@ -39,8 +39,9 @@ class Conflict(Refused):
     """The host's file changed since the sandbox got its copy: it is kept."""
 
 
-def safe_parts(name: object) -> tuple[str, ...]:
-    """The parts of a relative name that stays inside its folder; Refused otherwise."""
+def safe_parts(name: object, *, hidden: bool = False) -> tuple[str, ...]:
+    """The parts of a relative name that stays inside its folder; Refused otherwise.
+    Hidden parts are refused too, unless ``hidden`` (an explicit ``%modbox pull``)."""
     if not isinstance(name, str) or not name or len(name) > MAX_PATH:
         raise Refused("not a usable file name")
     if "\x00" in name or name.startswith("/"):
@@ -49,7 +50,7 @@ def safe_parts(name: object) -> tuple[str, ...]:
     for part in parts:
         if part in ("", ".", ".."):
             raise Refused("a path that leaves its folder")
-        if part.startswith("."):
+        if part.startswith(".") and not hidden:
             raise Refused("a hidden name (hidden files are not copied back)")
         if len(part.encode("utf-8", "surrogateescape")) > MAX_PART:
             raise Refused("a name part longer than 255 bytes")
@@ -110,9 +111,9 @@ class HostFolder:
         # name -> (size, mtime_ns) of the host file as the sandbox last had it.
         self.known = dict(copied)
 
-    def open_new(self, name: str) -> Incoming:
+    def open_new(self, name: str, *, hidden: bool = False) -> Incoming:
         """Start writing ``name`` (folders are made); Refused when it may not be."""
-        parts = safe_parts(name)
+        parts = safe_parts(name, hidden=hidden)
         dir_fd = self._open_folder(parts[:-1])
         try:
             return Incoming(self, name, dir_fd, parts[-1])

@@ -34,7 +34,7 @@ import zmq
 from ipykernel._version import kernel_protocol_version
 from ipykernel.kernelbase import Kernel
 
-from . import __version__, protocol
+from . import __version__, magic, protocol
 from .cellcontrol import CellControl, InputCancelled, cell_time_limit
 from .commforward import CommForwarder, ParentOrder
 from .embedded import discard_early
@@ -106,6 +106,7 @@ class ModboxKernel(KernelSettings, Kernel):
         self.comms = CommForwarder(self.sandbox, self._relay_under)
         self.cell_control = CellControl(self._interrupt_agent)
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
+        self.magic = magic.ModboxMagic(self.sandbox, folder)
         self._allow_stdin = False
         self._shutdown_done = threading.Event()
         atexit.register(self._atexit)
@@ -298,6 +299,11 @@ class ModboxKernel(KernelSettings, Kernel):
         )
         await self.comms.drained()  # comm messages sent before this cell go first
         relay = self._relay(silent)
+        lines = magic.parse(code)
+        if lines is not None:  # %modbox: the kernel's own, never sent to the sandbox
+            return await self.execution.run_magic(
+                self.execution_count, lambda: self.magic.run(lines, relay), relay
+            )
         return await self.execution.run(cell, relay, limit)
 
     # -- stdin (docs/jupyter-traps.md, "stdin") ---------------------------------------
@@ -354,6 +360,9 @@ class ModboxKernel(KernelSettings, Kernel):
 
     async def do_complete(self, code: str, cursor_pos: int | None) -> dict[str, Any]:
         pos = len(code) if cursor_pos is None else cursor_pos
+        own = self.magic.complete(code, pos)
+        if own is not None:
+            return {"status": "ok", "metadata": {}, **own}
         try:
             reply = await self.sandbox.query("complete", code=code, cursor_pos=pos)
         except ModboxError as exc:
@@ -370,6 +379,9 @@ class ModboxKernel(KernelSettings, Kernel):
     async def do_inspect(
         self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
     ) -> dict[str, Any]:
+        text = magic.help_for(code, cursor_pos)
+        if text is not None:
+            return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
         try:
             reply = await self.sandbox.query(
                 "inspect", code=code, cursor_pos=cursor_pos, detail_level=detail_level

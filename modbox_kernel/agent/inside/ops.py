@@ -278,7 +278,7 @@ class Requests:
         return workfiles.list_files(req)
 
     def op_write(self, req: Dict[str, Any]) -> Dict[str, Any]:
-        return workfiles.write_file(req)
+        return workfiles.write_file(req, self.agent.files)
 
     def op_shutdown(self, req: Dict[str, Any]) -> Dict[str, Any]:
         return {"ok": True, "_then_exit": True}

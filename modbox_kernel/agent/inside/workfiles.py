@@ -99,6 +99,21 @@ class Tracker:
             self._seen, self._overflowed = scan(root)
             return sum(1 for sig in self._seen.values() if sig[0] == "f")
 
+    def note(self, path: str) -> None:
+        """A file the kernel wrote (``%modbox push``): not a change a cell made."""
+        with self._lock:
+            root = self.root
+            full = os.path.abspath(path)
+            if root is None or not full.startswith(root.rstrip("/") + "/"):
+                return
+            try:
+                st = os.lstat(full)
+            except OSError:
+                return
+            if stat.S_ISREG(st.st_mode):
+                rel = full[len(root.rstrip("/")) + 1 :]
+                self._seen[rel] = ("f", st.st_size, st.st_mtime_ns, st.st_ino)
+
     def after_cell(self) -> Optional[Dict[str, Any]]:
         """The ``files`` field of a ``done`` event, or None (nothing changed)."""
         if not self.per_cell:
@@ -229,7 +244,7 @@ def list_files(req: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def write_file(req: Dict[str, Any]) -> Dict[str, Any]:
+def write_file(req: Dict[str, Any], tracker: Tracker) -> Dict[str, Any]:
     """``write``: ``data`` (base64) at ``offset`` of ``path``; offset 0 starts the file
     afresh (its folders are made). Never writes through a final link."""
     path, data = req.get("path"), req.get("data")
@@ -252,4 +267,5 @@ def write_file(req: Dict[str, Any]) -> Dict[str, Any]:
             os.close(fd)
     except (OSError, ValueError) as exc:
         return {"ok": False, "error": f"{path}: {getattr(exc, 'strerror', None) or exc}"}
+    tracker.note(path)
     return {"ok": True, "size": size}
