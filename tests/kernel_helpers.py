@@ -52,6 +52,10 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 _MODBOX_VARS = ("MODBOX_API_URL", "MODBOX_API_TOKEN", "MODBOX_BACKEND")
 TEST_STATE_HOME = tempfile.mkdtemp(prefix="modbox-test-state-")
+# Kernels started without a folder of their own run in a fresh empty one below this:
+# Jupyter starts a kernel in the notebook's folder, and a modbox kernel copies that
+# folder in and its cells' files back; the repository is no test's notebook folder.
+KERNEL_FOLDERS = tempfile.mkdtemp(prefix="modbox-test-kernels-")
 
 
 def is_modbox(kernel_name: str = KERNEL_NAME) -> bool:
@@ -114,9 +118,9 @@ def start_kernel(
     kernel_name: str, env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
 ) -> tuple[KernelManager, BlockingKernelClient]:
     """Start an installed kernel and wait until it answers kernel_info."""
-    kwargs: dict[str, Any] = {"env": dict(env)}
-    if cwd is not None:
-        kwargs["cwd"] = str(cwd)
+    if cwd is None:
+        cwd = tempfile.mkdtemp(prefix=f"{kernel_name}-", dir=KERNEL_FOLDERS)
+    kwargs: dict[str, Any] = {"env": dict(env), "cwd": str(cwd)}
     km, kc = start_new_kernel(kernel_name=kernel_name, startup_timeout=STARTUP_TIMEOUT, **kwargs)
     return km, kc
 

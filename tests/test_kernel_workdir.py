@@ -5,7 +5,7 @@ there (``pd.read_csv("data.csv")``). modbox-python copies that folder into each 
 sandbox's working directory, leaving out hidden files, caches, virtual environments
 and symlinks, and copies nothing (with one notice naming the setting) past
 ``MODBOX_COPY_LIMIT`` or for ``/``. A home folder (a hub student's) is copied like any
-other.
+other. What cells write there comes back (``tests/test_kernel_filesync.py``).
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def test_a_notebook_reads_files_next_to_it_as_under_python3(
         executed = execute_notebook(_notebook(READS), name, env, cwd=folder)
         results[name] = normalise_notebook(executed)
         written = folder / "results.txt"
-        # A local kernel writes next to the notebook; the sandbox keeps what it writes.
-        assert written.exists() == (name == REFERENCE_KERNEL)
-        written.unlink(missing_ok=True)
+        # A local kernel writes next to the notebook; the sandbox's file comes back there.
+        assert written.read_text() == "made here", name
+        written.unlink()
     assert results[KERNEL_NAME] == results[REFERENCE_KERNEL]
     outputs = [cell["outputs"] for cell in results[KERNEL_NAME]]
     assert outputs[0][0]["execute_result"]["text/plain"] == "4", outputs
