@@ -186,10 +186,10 @@ class FileSync:
             except Refused as exc:
                 refused.append(f"{name} ({exc})")
                 continue
-            cap = min(limits.file_limit or size, size) if size else limits.file_limit
             source = posixpath.join(self.sandbox_root, name)
             try:
-                await self._receive(source, incoming, cap)
+                # Never more than the size the agent reported (and the caps admitted).
+                await self._receive(source, incoming, size)
                 incoming.commit()
             except Conflict:
                 conflicts.append(name)
@@ -233,7 +233,8 @@ class FileSync:
             self.last_sync = time.time()
 
     async def _receive(self, source: str, incoming: Incoming, cap: int) -> None:
-        """Read ``source`` in chunks into ``incoming``; never more than ``cap`` bytes."""
+        """Read ``source`` in chunks into ``incoming``; more than ``cap`` bytes (the size
+        the agent reported, which the caps admitted) is refused, whatever it says."""
         assert self.channel is not None
         offset = 0
         while True:
@@ -248,7 +249,7 @@ class FileSync:
             if "error" in chunk or "data" not in chunk:
                 raise Refused(f"the sandbox could not read it: {chunk.get('error', 'no answer')}")
             data = base64.b64decode(str(chunk["data"]))
-            if cap and offset + len(data) > cap:
+            if offset + len(data) > cap:
                 raise Refused(f"it grew past {size_text(cap)} while it was copied")
             incoming.write(data)
             offset += len(data)
@@ -272,16 +273,19 @@ class FileSync:
         outcome = Outcome()
         failed: list[str] = []
         for entry in answer.get("files") or []:
+            if not isinstance(entry, dict):
+                continue
             rel = str(entry.get("path", ""))
             name = f"{target}/{rel}" if rel else target
             source = posixpath.join(base, rel) if rel else base
+            size = entry.get("size")
             try:
                 incoming = self.host.open_new(name, hidden=True)
             except Refused as exc:
                 failed.append(f"{name} ({exc})")
                 continue
             try:
-                await self._receive(source, incoming, 0)
+                await self._receive(source, incoming, size if isinstance(size, int) else 0)
                 incoming.commit(replace=True)  # an explicit pull replaces the host's copy
             except (Refused, ModboxError) as exc:
                 incoming.close()

@@ -272,3 +272,23 @@ def test_an_unreachable_service_ends_the_cell_with_a_sentence(env: Setup) -> Non
     after = run_cell(env.kc, "print(kept)", timeout=60)
     assert after.status == "ok", after.describe()
     assert "still here" in after.stdout, after.describe()
+
+
+def test_a_cell_that_writes_no_file_costs_no_extra_request(env: Setup) -> None:
+    # What a cell changed in the working folder rides in its done event: a cell that
+    # writes nothing makes the same requests as before files came back (one execute,
+    # polls only if it outlives the submit), and one that writes a file adds a read.
+    quiet = Rule(lambda op, n: None)
+    env.proxy.decide = quiet
+    run = run_cell(env.kc, "quiet = sum(range(10))")
+    env.proxy.decide = lambda request: None
+    assert run.status == "ok", run.describe()
+    ops = {op: n for op, n in quiet.seen.items() if op != "background"}
+    assert ops.get("execute") == 1 and set(ops) <= {"execute", "poll"}, quiet.seen
+
+    writing = Rule(lambda op, n: None)
+    env.proxy.decide = writing
+    wrote = run_cell(env.kc, "open('made.txt', 'w').write('x')")
+    env.proxy.decide = lambda request: None
+    assert wrote.status == "ok" and wrote.stderr == "", wrote.describe()
+    assert writing.seen.get("read") == 1, writing.seen
