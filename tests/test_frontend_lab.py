@@ -155,6 +155,18 @@ def test_a_plot_is_an_image_and_a_dataframe_is_a_table(page: Any, lab: LabServer
     assert [row[-2:] for row in rows] == [["Lisbon", "31"], ["Oslo", "17"], ["Quito", "23"]]
 
 
+def test_a_file_a_cell_writes_appears_in_the_file_browser(page: Any, lab: LabServer) -> None:
+    notebook = open_notebook(page, lab)
+    listing = page.locator(".jp-DirListing-itemText")
+    listing.filter(has_text="data.csv").first.wait_for()
+    assert listing.filter(has_text="out.csv").count() == 0
+    notebook.run("import pandas as pd\npd.DataFrame({'a': [1]}).to_csv('out.csv')", paste=True)
+    # On the host when the cell is done, where the file browser lists it.
+    assert (lab.root / "out.csv").read_text() == ",a\n0,1\n"
+    listing.filter(has_text="out.csv").first.wait_for(timeout=30_000)
+    (lab.root / "out.csv").unlink()
+
+
 def test_an_exception_shows_a_coloured_traceback(page: Any, lab: LabServer) -> None:
     notebook = open_notebook(page, lab)
     cell = notebook.run("def divide(a):\n    return a / 0\ndivide(1)", paste=True)
