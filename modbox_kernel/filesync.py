@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 MAX_FILES = 1000
 #: Bytes asked for per ``read`` request (the agent's answers carry at most 2 MiB).
 READ_CHUNK = 2 * 1024 * 1024
+#: How long shutdown waits for the last files: jupyter_client kills a kernel that has
+#: not exited 5 s after its shutdown request.
+FINAL_SYNC_WAIT = 3.0
 #: How many names one notice lists before "and N more".
 NAMES_SHOWN = 5
 MIB = 1024 * 1024
@@ -119,8 +122,19 @@ class FileSync:
             log.warning("files could not be copied back: %s", exc)
             return [f"Modbox: this cell's files could not be copied back to the host ({exc})."]
 
-    async def final(self) -> list[str]:
-        """At shutdown: what changed since the last look (everything, in shutdown mode)."""
+    async def final(self) -> None:
+        """At shutdown (``SandboxSession.close``): bring back what changed since the last
+        look (everything, with MODBOX_SYNC=shutdown), so a batch run ends with its files
+        in place; within :data:`FINAL_SYNC_WAIT`; nobody is left to read notices: logged."""
+        try:
+            notices = await asyncio.wait_for(self._final(), FINAL_SYNC_WAIT)
+        except Exception as exc:
+            log.warning("files could not be copied back at shutdown: %s", exc)
+            return
+        for notice in notices:
+            log.warning("%s", notice)
+
+    async def _final(self) -> list[str]:
         if not self.active or self.channel is None:
             return []
         try:

@@ -127,10 +127,8 @@ class ModboxKernel(KernelSettings, Kernel):
 
     @property
     def kernel_info(self) -> dict[str, Any]:
-        # Built here rather than from ipykernel's property: that one imports
-        # ipykernel.debugger (and with it debugpy, ~0.1 s of CPU per kernel start)
-        # only to learn whether the *kernel* process could debug, which says nothing
-        # about the sandbox. We have neither subshells nor a debugger.
+        # Not ipykernel's property: it imports debugpy (~0.1 s of CPU per start) to learn
+        # whether the *kernel* process could debug; we have neither debugger nor subshells.
         info: dict[str, Any] = {
             "protocol_version": kernel_protocol_version,
             "implementation": self.implementation,

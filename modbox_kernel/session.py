@@ -63,9 +63,6 @@ LOSS_DIAGNOSIS_WAIT = 1.5
 # A sandbox this close to its TTL (or 10 % of the TTL, if less) is replaced before the
 # next cell instead of being used until the reaper destroys it mid-cell.
 TTL_REPLACE_MARGIN = 10.0
-# How long shutdown waits for the last files to come back: jupyter_client kills a
-# kernel that has not exited 5 s after its shutdown request.
-FINAL_SYNC_WAIT = 3.0
 
 
 @dataclass
@@ -380,11 +377,7 @@ class SandboxSession:
             with contextlib.suppress(BaseException):
                 await self._provisioning
         if self._sandbox is not None:
-            # The files written since the last cell (or all, with MODBOX_SYNC=shutdown):
-            # on the host before the sandbox goes, so batch runs end with them in place.
-            with contextlib.suppress(Exception):
-                for notice in await asyncio.wait_for(self.files.final(), FINAL_SYNC_WAIT):
-                    log.warning("%s", notice)
+            await self.files.final()  # on the host before the sandbox goes
         sandbox, self._sandbox = self._sandbox, None
         client = self._backend.current_client
         if sandbox is not None and client is not None:
