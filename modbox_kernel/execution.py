@@ -142,8 +142,8 @@ class CellExecution:
         except SandboxLostError as exc:
             relay.flush()
             text = (
-                f"{exc}. Variables and files of this session are lost; "
-                "the next cell starts a fresh sandbox."
+                f"{exc}. Variables of this session are lost, and so are files not copied "
+                "back to the notebook's folder; the next cell starts a fresh sandbox."
             )
             return self._error_reply(relay, "SandboxLost", text, [red(text)])
         except ModboxError as exc:

@@ -33,7 +33,7 @@ class Notices:
         if self.lost:
             notices.append(
                 f"Modbox: {self.lost}; this cell runs in a fresh sandbox, "
-                "so earlier variables and files are gone."
+                "so earlier variables, and files not copied back to the notebook's folder, are gone."
             )
             self.lost = None
         return notices
@@ -51,5 +51,6 @@ class Notices:
         return (
             f"Modbox: this sandbox reaches its time limit (TTL {ttl} s) in about {when}; "
             "after that the next cell starts in a fresh sandbox without the current variables "
-            "and files. Raise MODBOX_TTL_SECONDS for longer sessions."
+            "and the files not copied back to the notebook's folder. Raise "
+            "MODBOX_TTL_SECONDS for longer sessions."
         )

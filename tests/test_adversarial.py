@@ -717,7 +717,7 @@ def test_31_setuid_programs_grant_nothing(
     result = victim.sandbox.exec(
         "su -c 'id -u' root </dev/null; echo su=$?; "
         "(sudo -n true) 2>/dev/null; echo sudo=$?; "
-        "passwd -S >/dev/null 2>&1; echo passwd=$?; "
+        "passwd -S root >/dev/null 2>&1; echo passwd=$?; "
         "grep -c nosuid /proc/self/mountinfo; grep -vc nosuid /proc/self/mountinfo; "
         "grep NoNewPrivs /proc/self/status"
     )

@@ -67,6 +67,8 @@ def test_exec_environment_is_cleared_plus_env_vars(local_service: LocalService) 
             "MODBOX_SANDBOX_ID", "GREETING", "SANDBOX_API_KEY",
             # pip installs into the writable workspace (docs/local-service.md)
             "PIP_PREFIX", "PYTHONPATH", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_RETRIES",
+            # the sandbox's own account, as its /etc/passwd names it (bwrap jails)
+            "USER", "LOGNAME",
             # set by bash itself
             "PWD", "SHLVL", "_", "OLDPWD",
         }  # fmt: skip
