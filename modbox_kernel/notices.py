@@ -33,7 +33,8 @@ class Notices:
         if self.lost:
             notices.append(
                 f"Modbox: {self.lost}; this cell runs in a fresh sandbox, "
-                "so earlier variables, and files not copied back to the notebook's folder, are gone."
+                "so earlier variables, and files not copied back to the notebook's folder, "
+                "are gone."
             )
             self.lost = None
         return notices
