@@ -174,7 +174,8 @@ class FileSync:
         for entry in files.get("changed") or []:
             if isinstance(entry, dict) and isinstance(entry.get("path"), str):
                 size = entry.get("size")
-                items.append((entry["path"], size if isinstance(size, int) else 0))
+                # A negative size from a lying agent must not enlarge the cell's budget.
+                items.append((entry["path"], max(0, size) if isinstance(size, int) else 0))
         outcome = await self._bring(items)
         return notices + outcome.notices
 
