@@ -79,7 +79,7 @@ class CellExecution:
 
         self._count = count
         if self._problems:
-            return await self._run_cell(protocol.CellRequest(code=""), relay)
+            return self._problems_reply(relay)
 
         async def interruptible() -> dict[str, Any]:
             # Nothing runs in the sandbox's Python: an interrupt just stops waiting.
@@ -124,13 +124,7 @@ class CellExecution:
 
     async def _run_cell(self, cell: protocol.CellRequest, relay: OutputRelay) -> dict[str, Any]:
         if self._problems:
-            text = (
-                "Modbox Python cannot start a sandbox: "
-                + "; ".join(self._problems)
-                + ". Fix the kernel's environment (kernel.json env, or the shell that starts "
-                "Jupyter) and restart the kernel."
-            )
-            return self._error_reply(relay, "ConfigurationError", text, [red(text)])
+            return self._problems_reply(relay)
         try:
             await self._wait_for_sandbox(relay)
         except ModboxError as exc:
@@ -158,6 +152,16 @@ class CellExecution:
         if notices:
             relay.flush()
         return self._reply_from_done(done)
+
+    def _problems_reply(self, relay: OutputRelay) -> dict[str, Any]:
+        """Malformed settings: no sandbox was started; the cell says what to fix."""
+        text = (
+            "Modbox Python cannot start a sandbox: "
+            + "; ".join(self._problems)
+            + ". Fix the kernel's environment (kernel.json env, or the shell that starts "
+            "Jupyter) and restart the kernel."
+        )
+        return self._error_reply(relay, "ConfigurationError", text, [red(text)])
 
     async def _wait_for_sandbox(self, relay: OutputRelay) -> None:
         if self.sandbox.ready:

@@ -26,9 +26,9 @@ from .errors import AgentError
 from .uploads import put_file, tail
 from .workdir import Packed
 
-# Names in the exec's default folder that belong to the sandbox (uploads land in
-# ``uploads/``), never used for the working folder.
-RESERVED_NAMES = frozenset({"uploads", "notebook-uploads"})
+# The name in the exec's default folder that belongs to the sandbox (uploads land
+# there), never used for the working folder.
+UPLOADS = "uploads"
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def folder_name(host_root: str | None) -> str:
     """The working folder's name in the sandbox: the host folder's, where it cannot be
     mistaken for the sandbox's own entries (``uploads``, hidden names)."""
     name = posixpath.basename((host_root or "").rstrip("/"))
-    if not name or name.startswith(".") or name in RESERVED_NAMES or "/" in name:
+    if not name or name.startswith(".") or name == UPLOADS:
         return "notebook"
     return name
 
@@ -106,12 +106,12 @@ async def place_folder(
             host_root,
         )
     rel = packed.rel if packed is not None else ""
-    copied = packed.copied if packed is not None and archive is not None else {}
+    copied = packed.copied if packed is not None and archive is not None and not notice else {}
     return Placed(
         root=root,
         cwd=posixpath.join(root, rel) if rel else root,
         host_root=host_root,
-        copied=copied if notice is None else {},
+        copied=copied,
         notice=notice,
     )
 

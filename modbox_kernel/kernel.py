@@ -441,7 +441,7 @@ class ModboxKernel(KernelSettings, Kernel):
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         future = asyncio.run_coroutine_threadsafe(self.sandbox.close(), self.io_loop.asyncio_loop)
         try:
-            # Room for the last files to come back (session.FINAL_SYNC_WAIT), within
+            # Room for the last files to come back (filesync.FINAL_SYNC_WAIT), within
             # the 5 s jupyter_client waits before it kills the kernel.
             await asyncio.wait_for(asyncio.wrap_future(future), timeout=4.5)
         except Exception as exc:  # a stuck loop or a slow service: destroy without it

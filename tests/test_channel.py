@@ -205,7 +205,7 @@ async def test_the_agent_route_is_used_when_advertised_and_exec_when_it_is_missi
             body = json.loads(request.content)
             assert body["state_dir"] == "/sandbox-home/.modbox"
             routed.append(json.loads(base64.b64decode(body["request"])))
-            command = f"\"$T\" {body['request']} >&3"
+            command = f'"$T" {body["request"]} >&3'
             answer = agent(httpx.Request("POST", request.url, json={"command": command}))
             return httpx.Response(200, text=json.loads(answer.content)["stdout"])
         return agent(request)

@@ -55,12 +55,16 @@ BATCH_CELLS = [
 OUTPUTS = ("results.csv", "plot.png", "sub/model.bin")
 
 
+def _notebook(*cells: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    return nb
+
+
 def _batch_folder(where: Path) -> Path:
     where.mkdir(parents=True)
     (where / "input.csv").write_text("x\n1\n2\n3\n")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(source) for source in BATCH_CELLS]
-    nbformat.write(nb, str(where / "batch.ipynb"))
+    nbformat.write(_notebook(*BATCH_CELLS), str(where / "batch.ipynb"))
     return where
 
 
@@ -119,23 +123,18 @@ def test_a_batch_run_leaves_the_files_it_wrote_as_under_python3(
 
 
 def _listing_notebook() -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell(source)
-        for source in (
-            "import os\nsorted(os.listdir('.'))",
-            "open('a.txt', 'w').write('written')\nsorted(os.listdir('.'))",
-            "sorted(os.listdir('sub'))",
-            "import getpass, pwd\n"
-            "user = getpass.getuser()\n"
-            "print(user == pwd.getpwuid(os.getuid()).pw_name)\n"
-            "print(os.path.isdir(os.path.expanduser('~')))",
-            "import subprocess\n"
-            "print(subprocess.run(['whoami'], capture_output=True, text=True).stdout.strip()"
-            " == user)",
-        )
-    ]
-    return nb
+    return _notebook(
+        "import os\nsorted(os.listdir('.'))",
+        "open('a.txt', 'w').write('written')\nsorted(os.listdir('.'))",
+        "sorted(os.listdir('sub'))",
+        "import getpass, pwd\n"
+        "user = getpass.getuser()\n"
+        "print(user == pwd.getpwuid(os.getuid()).pw_name)\n"
+        "print(os.path.isdir(os.path.expanduser('~')))",
+        "import subprocess\n"
+        "print(subprocess.run(['whoami'], capture_output=True, text=True).stdout.strip()"
+        " == user)",
+    )
 
 
 def test_the_working_folder_shows_the_notebooks_files_and_a_named_user(
@@ -178,17 +177,13 @@ def test_the_hosts_account_names_are_not_readable_in_the_sandbox(
 def test_a_notebook_in_a_repository_reads_sibling_folders_as_under_python3(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell(source)
-        for source in (
-            "print(open('../data/x.csv').read(), end='')",
-            "import os\nos.makedirs('../results', exist_ok=True)\n"
-            "open('../results/out.txt', 'w').write('from the notebook')",
-            # (.git is hidden: hidden files are never copied into a sandbox)
-            "sorted(p for p in os.listdir('..') if not p.startswith('.'))",
-        )
-    ]
+    nb = _notebook(
+        "print(open('../data/x.csv').read(), end='')",
+        "import os\nos.makedirs('../results', exist_ok=True)\n"
+        "open('../results/out.txt', 'w').write('from the notebook')",
+        # (.git is hidden: hidden files are never copied into a sandbox)
+        "sorted(p for p in os.listdir('..') if not p.startswith('.'))",
+    )
     results = {}
     for name in (REFERENCE_KERNEL, KERNEL_NAME):
         repo = tmp_path / name / "repo"
@@ -388,7 +383,9 @@ def test_modbox_errors_say_what_is_wrong_and_the_kernel_goes_on(
         run = run_cell(kc, code, timeout=120)
         assert run.status == "error", (code, run.describe())
         assert said in run.describe(), (code, run.describe())
-    assert list(folder.parent.glob("*.txt")) == []
+    # --to ../.. named the folder two above the notebook's: nothing was written there.
+    assert not (folder.parent.parent / "here.txt").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["here.txt"]
     assert run_cell(kc, "print('alive')").stdout == "alive\n"
 
 

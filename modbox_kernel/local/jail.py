@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import launcher, seccomp
+from . import launcher
 from .config import Limits
 
 SUPERVISOR_SOURCE = Path(__file__).with_name("supervisor.py")
@@ -232,13 +232,13 @@ class BwrapJail(Jail):
     def _seccomp_fd(self) -> int | None:
         if self.seccomp_program is None:
             return None
-        return seccomp.program_fd(self.seccomp_program)
+        return launcher.data_fd("seccomp", self.seccomp_program)
 
     def _data_fds(self, spec: JailSpec) -> dict[str, int]:
         uid, gid = self.privilege.owner
         return {
-            "/etc/passwd": _memfd("passwd", passwd_text(uid, gid)),
-            "/etc/group": _memfd("group", group_text(gid)),
+            "/etc/passwd": launcher.data_fd("passwd", passwd_text(uid, gid).encode()),
+            "/etc/group": launcher.data_fd("group", group_text(gid).encode()),
         }
 
     def argv(
@@ -323,18 +323,6 @@ def group_text(gid: int) -> str:
         lines.append(f"{SANDBOX_USER}:x:{gid}:")
     lines.append("nogroup:x:65534:")
     return "\n".join(lines) + "\n"
-
-
-def _memfd(name: str, text: str) -> int:
-    """An fd whose content bwrap copies into the jail (``--ro-bind-data``)."""
-    fd = os.memfd_create(f"modbox-{name}", os.MFD_CLOEXEC)  # pass_fds hands it over
-    try:
-        os.write(fd, text.encode())
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _python() -> str:

@@ -108,3 +108,20 @@ def staged_path(privilege: Privilege, index: int, source: str) -> str:
     if privilege.drop is None or privilege.stage_dir is None:
         return source
     return str(privilege.stage_dir / str(index))
+
+
+def data_fd(name: str, data: bytes) -> int:
+    """A fresh memfd holding ``data`` at offset 0, for one bwrap to read and close
+    (``--seccomp``, ``--ro-bind-data``); ``pass_fds`` hands it over.
+
+    A fresh one per start: bwrap reads the fd to its end, and two sandboxes starting at
+    once must not share a file offset.
+    """
+    fd = os.memfd_create(f"modbox-{name}", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -25,7 +25,6 @@ says that no filter is in force.
 from __future__ import annotations
 
 import errno
-import os
 import platform
 import struct
 
@@ -217,19 +216,3 @@ def describe() -> str:
         f"x86_64 deny-list: {len(DENIED_EPERM) + len(DENIED_ENOSYS)} syscalls, namespace "
         "flags of clone, TIOCSTI/TIOCLINUX, exotic socket families; other ABIs refused"
     )
-
-
-def program_fd(program: bytes) -> int:
-    """A fresh memfd holding ``program`` at offset 0, for one bwrap to read and close.
-
-    A fresh one per start: bwrap reads the fd to its end, and two sandboxes starting at
-    once must not share a file offset.
-    """
-    fd = os.memfd_create("modbox-seccomp", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, program)
-        os.lseek(fd, 0, os.SEEK_SET)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
