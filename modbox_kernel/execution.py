@@ -41,6 +41,12 @@ class CellExecution:
         # Malformed settings: no sandbox is started, every cell says what to fix.
         self._problems = list(problems)
         self._count = 0
+        self._usage: dict[str, Any] | None = None
+
+    def take_usage(self) -> dict[str, Any] | None:
+        """The last cell's figures from the sandbox (time, CPU, peak memory), once."""
+        usage, self._usage = self._usage, None
+        return usage
 
     async def run(
         self, cell: protocol.CellRequest, relay: OutputRelay, limit: float
@@ -196,6 +202,8 @@ class CellExecution:
         ready.result()  # raises the provisioning error, if any
 
     def _reply_from_done(self, done: dict[str, Any]) -> dict[str, Any]:
+        usage = done.get("usage")
+        self._usage = usage if isinstance(usage, dict) else None
         status = done.get("status", "ok")
         reply: dict[str, Any] = {"status": status, "execution_count": self._count}
         if status == "error":

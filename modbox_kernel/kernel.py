@@ -32,23 +32,24 @@ from typing import Any
 
 import zmq
 from ipykernel._version import kernel_protocol_version
-from ipykernel.kernelbase import Kernel
 
 from . import __version__, magic, protocol
 from .cellcontrol import CellControl, InputCancelled, cell_time_limit
 from .commforward import CommForwarder, ParentOrder
+from .debugger import DebugRelay, predicted_available
 from .embedded import discard_early
 from .errors import ModboxError
 from .execution import CellExecution
 from .filesync import SyncSettings
 from .idleoutput import IdleOutput
+from .kernelcontrol import ControlRequests
 from .relay import OutputRelay, Publish
 from .session import SandboxSession, SessionConfig
 from .settings import EnvSettings, KernelSettings
 from .workdir import check_root
 
 
-class ModboxKernel(KernelSettings, Kernel):
+class ModboxKernel(KernelSettings, ControlRequests):
     """A Python kernel whose cells run in a Modbox sandbox."""
 
     implementation = "modbox_kernel"
@@ -107,6 +108,9 @@ class ModboxKernel(KernelSettings, Kernel):
         self.cell_control = CellControl(self._interrupt_agent)
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
         self.magic = magic.ModboxMagic(self.sandbox, folder)
+        # JupyterLab's debugger, relayed to debugpy in the sandbox (debugger.py).
+        self.debug_relay = DebugRelay(self.sandbox, self._publish_debug_event)
+        self._debug_parent: dict[str, Any] = {}
         self._allow_stdin = False
         self._shutdown_done = threading.Event()
         atexit.register(self._atexit)
@@ -128,7 +132,12 @@ class ModboxKernel(KernelSettings, Kernel):
     @property
     def kernel_info(self) -> dict[str, Any]:
         # Not ipykernel's property: it imports debugpy (~0.1 s of CPU per start) to learn
-        # whether the *kernel* process could debug; we have neither debugger nor subshells.
+        # whether the *kernel* process could debug. Ours debugs in the sandbox: its agent
+        # says whether it can, and before it exists the embedded backend can predict it.
+        can_debug = self.debug_relay.available
+        if can_debug is None:
+            embedded = self.sandbox.config.resolved_backend == "local"
+            can_debug = predicted_available(embedded, self.sandbox_env)
         info: dict[str, Any] = {
             "protocol_version": kernel_protocol_version,
             "implementation": self.implementation,
@@ -136,7 +145,7 @@ class ModboxKernel(KernelSettings, Kernel):
             "language_info": self.language_info,
             "banner": self.banner,
             "help_links": self.help_links,
-            "supported_features": [],
+            "supported_features": ["debugger"] if can_debug else [],
         }
         version = self.sandbox.agent_info.get("python_version")
         if version:
@@ -233,15 +242,13 @@ class ModboxKernel(KernelSettings, Kernel):
             content = {"status": "ok", "comms": comms}
             self.session.send(stream, "comm_info_reply", content, parent, ident)
 
-    async def create_subshell_request(self, socket: Any, ident: Any, parent: Any) -> None:
-        if self.session:
-            content = {
-                "status": "error",
-                "ename": "NotImplementedError",
-                "evalue": "Modbox Python runs one cell at a time; subshells are not supported",
-                "traceback": [],
-            }
-            self.session.send(socket, "create_subshell_reply", content, parent, ident)
+    def finish_metadata(self, parent: Any, metadata: Any, reply_content: Any) -> Any:
+        # The cell's time, CPU and peak memory in the sandbox, beside the stock fields.
+        usage = self.execution.take_usage()
+        if usage is not None:
+            metadata["modbox"] = usage
+            self.magic.last_cell = usage
+        return metadata
 
     # -- interrupts (docs/jupyter-traps.md, "Interrupts") ---------------------------
 
@@ -253,13 +260,6 @@ class ModboxKernel(KernelSettings, Kernel):
             loop.call_soon_threadsafe(self.cell_control.interrupt)
 
         self.saved_sigint_handler = signal.signal(signal.SIGINT, on_sigint)
-
-    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
-        # Control thread: hop to the main loop; never SIGINT ourselves (that is what
-        # the base class does, and it kills an async kernel).
-        self.io_loop.add_callback(self.cell_control.interrupt)
-        if self.session:
-            self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
 
     async def _interrupt_agent(self) -> None:
         await self.sandbox.interrupt()

@@ -11,6 +11,7 @@ installed, whichever Jupyter launches it).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -37,6 +38,10 @@ def install(*, user: bool = False, prefix: str | None = None, name: str = KERNEL
     with tempfile.TemporaryDirectory() as td:
         spec = json.loads((source / "kernel.json").read_text())
         spec["argv"] = [sys.executable, "-m", "modbox_kernel", "-f", "{connection_file}"]
+        # JupyterLab enables its debugger from this flag. The embedded backend's sandboxes
+        # run this interpreter, so it holds when debugpy is importable here.
+        if importlib.util.find_spec("debugpy") is None:
+            spec.get("metadata", {}).pop("debugger", None)
         (Path(td) / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
         for logo in source.glob("logo-*"):
             shutil.copy(logo, td)

@@ -88,6 +88,8 @@ class ModboxMagic:
     def __init__(self, session: SandboxSession, folder: str | None) -> None:
         self.session = session
         self.folder = os.path.realpath(folder) if folder else None
+        # The last cell's figures from the sandbox (the kernel sets them after each).
+        self.last_cell: dict[str, Any] | None = None
 
     # -- running ------------------------------------------------------------------
 
@@ -206,6 +208,16 @@ class ModboxMagic:
             rows.append(("memory used", f"{size_text(usage['memory_bytes'])} ({scope})"))
         if "cpu_seconds" in usage:
             rows.append(("CPU used", f"{usage['cpu_seconds']:.1f} s"))
+        last = self.last_cell
+        if last:
+            rows.append(
+                (
+                    "last cell",
+                    f"{last.get('seconds', 0):.3f} s in the sandbox, "
+                    f"{last.get('cpu_seconds', 0):.2f} s CPU, peak memory "
+                    f"{size_text(int(last.get('peak_memory_bytes') or 0))}",
+                )
+            )
         rows.append(("cells run in", str(usage.get("cwd") or sync.sandbox_cwd)))
         host = sync.host.root if sync.host is not None else "none (nothing was copied in)"
         rows.append(("host folder", host))

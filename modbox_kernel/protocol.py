@@ -121,6 +121,11 @@ def background_request(*, since: int, wait: float) -> dict[str, Any]:
     return {"op": names.OP_BACKGROUND, "since": since, "wait": wait}
 
 
+def debug_events_request(*, since: int, wait: float) -> dict[str, Any]:
+    """debugpy's events in the sandbox from event ``since`` on (the debugger's log)."""
+    return {"op": names.OP_DEBUG_EVENTS, "since": since, "wait": wait}
+
+
 def interrupt_request(cell_id: str) -> dict[str, Any]:
     """Raise KeyboardInterrupt in cell ``cell_id`` if it runs (a queued one never runs)."""
     return {"op": names.OP_INTERRUPT, "id": cell_id}

@@ -155,6 +155,10 @@ class SandboxSession:
         self.waiting = reason
 
     @property
+    def sandbox_id(self) -> str | None:
+        return self._sandbox.info.id if self._sandbox else None
+
+    @property
     def agent_info(self) -> dict[str, Any]:
         return self._sandbox.agent_info if self._sandbox else {}
 

@@ -130,7 +130,7 @@ class Jail:
         home = self.workspace_path(spec)
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         local = f"{home}/.local"
-        return {
+        env = {
             "PATH": f"{local}/bin:{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
             "HOME": home,
             "LANG": "C.UTF-8",
@@ -142,6 +142,11 @@ class Jail:
             "MODBOX_SANDBOX_ID": spec.sandbox_id,
             "MODBOX_WORKSPACE": home,  # read and removed by the supervisor
         }
+        if spec.cgroup_procs and spec.address_space is None:
+            # The memory cgroup is the limit, but the jail cannot see it (no /sys): say it,
+            # for the agent's usage figures (``agent/inside/resources.py``).
+            env["MODBOX_MEMORY_LIMIT"] = str(spec.limits.memory)
+        return env
 
     def launch(self, spec: JailSpec) -> Launch:
         """Create the per-start fds and the command line that uses them."""

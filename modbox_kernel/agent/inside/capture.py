@@ -18,6 +18,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
+from .debugging import untraced
+
 if TYPE_CHECKING:
     from .core import Agent
 
@@ -90,7 +92,7 @@ class OutputCapture:
         # os.write(1, ...) of a C extension or subprocess, so one pipe keeps the order.
         sys.stdout = self._text_stream(1, "<stdout>")
         sys.stderr = self._text_stream(2, "<stderr>")
-        thread = threading.Thread(target=self._reader, name="modbox-output", daemon=True)
+        thread = untraced(threading.Thread(target=self._reader, name="modbox-output", daemon=True))
         thread.start()
 
     @staticmethod

@@ -26,9 +26,11 @@ from typing import Any, Callable, Dict, Iterator, Optional
 from . import comms
 from .capture import OutputCapture
 from .cells import Call, Cell, background_log, trim_background
+from .debugging import Debugger, unavailable_reason, untraced
 from .fallback import FallbackRunner
 from .ipython_runner import make_ipython_runner
 from .location import agent_version
+from .resources import Resources
 from .runner import Runner
 from .state import remove_state_files
 from .stdin import stdin_patched
@@ -78,12 +80,18 @@ class Agent:
         self.gate = Gate()
         self._critical_depth = 0
         self._sigint_pending = False
+        self.sigints_raised = 0  # SIGINTs that became a KeyboardInterrupt (or a cancel)
         self.mode = "starting"
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._sigint_task: Any = None
         self._next_work: Optional[asyncio.Future[Any]] = None
         self.version = agent_version()
         self.ipython_version = _ipython_version_without_import()
+        # The debugger (started by the first debug request) and the files it must not
+        # step into: the agent's own and whatever was imported before the first cell.
+        self.debugger = Debugger(self)
+        self.resources = Resources()
+        self.own_files: list[str] = []
 
     # -- identity
     def info(self) -> Dict[str, Any]:
@@ -99,6 +107,7 @@ class Agent:
             "ready": self.ready.is_set(),
             "pristine": self.pristine,
             "usage": _usage(),
+            "debugger": unavailable_reason(self.mode) is None,
         }
 
     # -- interrupts
@@ -106,6 +115,11 @@ class Agent:
         """SIGINT handler: KeyboardInterrupt only in user code, never in the agent's."""
         if not self.in_user_code:
             return
+        if self.debugger.in_debugger_code(frame):
+            # Raised here, the KeyboardInterrupt would end debugpy's tracing of the cell
+            # for good; ``Debugger.interrupt`` resumes the cell and signals again.
+            return
+        self.sigints_raised += 1
         task = self._sigint_task
         if task is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(task.cancel)
@@ -185,6 +199,13 @@ class Agent:
         self.runner = runner
         self.mode = runner.mode
         self.comm_manager = comms.install_comms(self)
+        self.own_files = sorted(
+            {
+                f
+                for m in list(sys.modules.values())
+                if isinstance(f := getattr(m, "__file__", None), str)
+            }
+        )
         self.ready.set()
         log.info("runner ready: %s", self.mode)
 
@@ -199,8 +220,10 @@ class Agent:
         """
         if self.jedi_warm_up is not None or not self.ipython_version:
             return
-        warm = threading.Thread(
-            target=warm_up_jedi, args=(self.gate,), name="jedi-warm-up", daemon=True
+        warm = untraced(
+            threading.Thread(
+                target=warm_up_jedi, args=(self.gate,), name="jedi-warm-up", daemon=True
+            )
         )
         self.jedi_warm_up = warm
         warm.start()
@@ -217,7 +240,11 @@ class Agent:
         asyncio.set_event_loop(loop)
         self.loop = loop
         # One thread blocks on the queue the server threads fill, for the loop.
-        waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modbox-work")
+        waiter = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="modbox-work",
+            initializer=lambda: untraced(threading.current_thread()) and None,
+        )
         while True:
             try:
                 loop.run_until_complete(self._serve(loop, waiter))
@@ -260,6 +287,7 @@ class Agent:
             self.current = cell
         log.info("cell %s started (count %d)", cell.id, cell.execution_count)
         t0 = time.monotonic()
+        measured = self.resources.cell_started() if cell.comm is None else None
         try:
             with stdin_patched(self), self.gate.busy():
                 self.in_user_code = True
@@ -293,6 +321,8 @@ class Agent:
         self._sigint_pending = False
         self.io.flush_c_stdio()
         self.io.drain()
+        if measured is not None:
+            done["usage"] = self.resources.cell_finished(measured)
         if cell.comm is None:
             changed = self.files.after_cell()
             if changed is not None:

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from . import location
 from .core import Agent
+from .debugging import untraced
 from .ops import Requests
 from .server import Server
 from .state import LOG_NAME, unlink_state_files, write_private
@@ -83,7 +84,9 @@ def run_daemon(state_dir: str, ready_fd: int) -> None:
     agent.io.install()
     server = Server(agent, Requests(agent))
     agent.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, name="modbox-server", daemon=True).start()
+    untraced(
+        threading.Thread(target=server.serve_forever, name="modbox-server", daemon=True)
+    ).start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     write_private(os.path.join(state_dir, "token"), agent.token + "\n")

@@ -41,8 +41,16 @@ def murmur2_x86(data: bytes, seed: int) -> int:
     return h
 
 
+#: The hash's seed (the debugger's ``debugInfo`` tells frontends, which hash cells too).
+HASH_SEED = 0xC70F6907
+
+
+def cell_folder() -> str:
+    """The folder of the cells' file names (the debugger writes dumped cells there)."""
+    return os.path.join(tempfile.gettempdir(), f"ipykernel_{os.getpid()}")
+
+
 def cell_file_name(code: str) -> str:
     """The file name the stock kernel gives a cell's code object."""
-    name = murmur2_x86(code.encode("utf-8"), 0xC70F6907)
-    folder = os.path.join(tempfile.gettempdir(), f"ipykernel_{os.getpid()}")
-    return os.path.join(folder, f"{name}.py")
+    name = murmur2_x86(code.encode("utf-8"), HASH_SEED)
+    return os.path.join(cell_folder(), f"{name}.py")

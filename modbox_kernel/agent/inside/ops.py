@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict
 
 from . import comms, protocol, workfiles
 from .cells import KEEP_CELLS, Cell
@@ -55,7 +55,7 @@ class Requests:
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
-        if op == protocol.OP_BACKGROUND:
+        if op in (protocol.OP_BACKGROUND, protocol.OP_DEBUG_EVENTS):
             # The kernel keeps this poll open all the time; it only waits on the
             # condition, so it must not keep the jedi warm-up parked.
             background: Dict[str, Any] = handler(req)
@@ -95,6 +95,19 @@ class Requests:
     def op_background(self, req: Dict[str, Any]) -> Dict[str, Any]:
         """Events produced while no cell ran, from ``since`` (waits up to ``wait`` s)."""
         answer = self._collect(self.agent.background, req, until_done=False)
+        answer["epoch"] = self.agent.epoch
+        return answer
+
+    # -- the debugger (``debugging``)
+    def op_debug(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        request = req.get("request")
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "debug needs a 'request' object"}
+        return {"ok": True, "reply": self.agent.debugger.handle(request)}
+
+    def op_debug_events(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        """debugpy's events from ``since`` (waits up to ``wait`` s), as ``background``."""
+        answer = self._collect(self.agent.debugger.log, req, until_done=False)
         answer["epoch"] = self.agent.epoch
         return answer
 
@@ -180,8 +193,11 @@ class Requests:
         if running:
             # pthread_kill, not kill: the main thread must be the one whose sleep/read
             # gets EINTR, or the KeyboardInterrupt waits for that call to return.
-            signal.pthread_kill(agent.main_ident, signal.SIGINT)
-            _interrupt_children()
+            if agent.debugger.started:
+                agent.debugger.interrupt()
+            else:
+                signal.pthread_kill(agent.main_ident, signal.SIGINT)
+            _interrupt_children(spare=agent.debugger.adapter_pids)
         # A queued cell sees interrupt_requested when it starts and does not run.
         return {"ok": True, "delivered": True}
 
@@ -251,6 +267,9 @@ class Requests:
     def op_info(self, req: Dict[str, Any]) -> Dict[str, Any]:
         return {"ok": True, "reply": self.agent.info()}
 
+    def op_usage(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return {"ok": True, "reply": self.agent.resources.usage()}
+
     def op_environ(self, req: Dict[str, Any]) -> Dict[str, Any]:
         """Set environment variables: a service that started this agent in advance (a
         pool) passes the creator's ``env_vars`` here when it hands the sandbox over, so
@@ -284,7 +303,7 @@ class Requests:
         return {"ok": True, "_then_exit": True}
 
 
-def _interrupt_children() -> None:
+def _interrupt_children(spare: Collection[int] = ()) -> None:
     """SIGINT the cell's child processes, as ipykernel's ``killpg`` of its group does.
 
     ``os.system('sleep 30')`` ignores SIGINT in the caller while it waits, so only the
@@ -297,7 +316,7 @@ def _interrupt_children() -> None:
     except OSError:
         return
     for pid in pids:
-        if pid == me:
+        if pid == me or pid in spare:  # spare: debugpy's adapter, which must live on
             continue
         try:
             if os.getpgid(pid) == group:

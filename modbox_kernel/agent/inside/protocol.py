@@ -35,8 +35,15 @@ OP_FILES = "files"
 OP_READ = "read"
 OP_LIST = "list"
 OP_WRITE = "write"
+#: The debugger: one Debug Adapter Protocol request (``request``) answered with its
+#: response (``reply``); debugpy's events, read with the cursor of ``background``.
+OP_DEBUG = "debug"
+OP_DEBUG_EVENTS = "debug_events"
+#: The sandbox's resource figures (memory, CPU, processes) for ``usage_request``.
+OP_USAGE = "usage"
 
-#: Ops answered from the user's namespace on the main thread (``{"ok", "reply"}``).
+#: Ops answered with ``{"ok", "reply"}`` (the namespace's questions on the main
+#: thread; the agent's info, usage and debugger on the server thread).
 QUERY_OPS: Tuple[str, ...] = (
     OP_COMPLETE,
     OP_INSPECT,
@@ -44,6 +51,8 @@ QUERY_OPS: Tuple[str, ...] = (
     OP_HISTORY,
     OP_COMM_INFO,
     OP_INFO,
+    OP_DEBUG,
+    OP_USAGE,
 )
 
 #: The fields of an ``execute`` request and the value the agent assumes when one is
@@ -86,6 +95,8 @@ EV_COMM_OPEN = "comm_open"
 EV_COMM_MSG = "comm_msg"
 EV_COMM_CLOSE = "comm_close"
 EV_DONE = "done"
+#: One of debugpy's events, as ``content`` (only in the ``debug_events`` log).
+EV_DEBUG_EVENT = "debug_event"
 
 #: Events that become IOPub messages of the same type and content.
 OUTPUT_EVENTS: Tuple[str, ...] = (

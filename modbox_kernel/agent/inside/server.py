@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import threading
 from typing import TYPE_CHECKING, Any, Dict
 
+from .debugging import untraced
 from .wire import MAX_REQUEST_LINE, encode_answer
 
 if TYPE_CHECKING:
@@ -59,6 +61,14 @@ class Server(socketserver.ThreadingTCPServer):
         self.agent = agent
         self.requests = requests
         super().__init__(("127.0.0.1", 0), Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn's, with the thread marked as the debugger's own: a request
+        # must be answered while a cell is stopped at a breakpoint.
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True
+        )
+        untraced(thread).start()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The default prints to sys.stderr, which is a cell's output here.

@@ -1,0 +1,569 @@
+"""The debugger inside the sandbox: a Debug Adapter Protocol client of debugpy.
+
+The kernel relays each ``debug_request`` of the frontend as a ``debug`` op
+(``ops.Requests.op_debug`` calls :meth:`Debugger.handle` on a server thread) and reads
+debugpy's events with the ``debug_events`` op, a cursor over :attr:`Debugger.log` as
+``background`` is over the background log. The requests only Jupyter knows
+(``dumpCell``, ``debugInfo``, ``inspectVariables``, ``richInspectVariables``,
+``copyToGlobals``, ``modules``, ``source``) are answered here, with the meaning the
+stock kernel gives them (ipykernel's ``debugger.py``); the rest go to debugpy.
+
+Why inside the agent: cells run on the agent's main thread, so that is the process
+debugpy must trace. ``debugpy.listen`` starts debugpy's adapter (a child process
+listening on loopback) at the first ``initialize``; this module connects to it as the
+DAP client and never stops it (debugpy cannot listen twice in one process), so a later
+``initialize`` connects again. The agent's own threads are marked as debugger threads
+(:func:`untraced`): they are never suspended at a breakpoint, which is what keeps
+requests flowing while a cell is stopped.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
+
+from . import location
+from .cells import background_log, trim_background
+from .naming import HASH_SEED, cell_file_name, cell_folder
+
+if TYPE_CHECKING:
+    from .core import Agent
+
+log = logging.getLogger("modbox.agent")
+
+#: Set to 1 in the sandbox's environment to run as if debugpy were not installed.
+DISABLE_ENV = "MODBOX_AGENT_NO_DEBUGGER"
+#: How long a request forwarded to debugpy waits for its response.
+RESPONSE_TIMEOUT = 30.0
+#: Sequence numbers of the requests this module makes itself (``threads`` after a stop,
+#: ``evaluate`` for a rich inspection): far above any a frontend uses.
+OWN_SEQ_START = 1_000_000_000
+
+#: How long an interrupt while debugging keeps trying to reach the cell's code, and
+#: how often it signals meanwhile.
+INTERRUPT_SECONDS = 5.0
+INTERRUPT_RETRY_SECONDS = 0.02
+
+#: Names the variable views leave out, as the stock kernel does.
+_HIDDEN_NAMES = frozenset(
+    "__name__ __doc__ __package__ __loader__ __spec__ __annotations__ __builtins__ "
+    "__builtin__ __display__ get_ipython debugpy exit quit In Out _oh _dh _ __ ___".split()
+)
+
+
+def untraced(thread: threading.Thread) -> threading.Thread:
+    """Mark an agent thread as one the debugger neither traces nor suspends (the flags
+    pydevd looks for, which ipykernel sets on its own threads)."""
+    thread.pydev_do_not_trace = True  # type: ignore[attr-defined]
+    thread.is_pydev_daemon_thread = True  # type: ignore[attr-defined]
+    return thread
+
+
+def unavailable_reason(runner_mode: str) -> Optional[str]:
+    """Why this sandbox cannot debug, or None when it can (``info`` reports it)."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return f"{DISABLE_ENV}=1 is set in the sandbox"
+    if os.environ.get("MODBOX_AGENT_NO_IPYTHON") == "1" or runner_mode == "none":
+        return "the sandbox runs cells without IPython"
+    try:
+        if importlib.util.find_spec("debugpy") is None:
+            return "debugpy is not installed in the sandbox (pip install debugpy)"
+    except (ImportError, ValueError) as exc:
+        return f"debugpy cannot be imported in the sandbox: {exc}"
+    return None
+
+
+def accept_variable(name: str) -> bool:
+    return not (name in _HIDDEN_NAMES or re.match(r"^_\d", name) is not None or name[:2] == "_i")
+
+
+def response(request: Dict[str, Any], success: bool = True, **fields: Any) -> Dict[str, Any]:
+    """A DAP response to ``request`` made here, not by debugpy."""
+    reply = {
+        "type": "response",
+        "seq": request.get("seq", 0),
+        "request_seq": request.get("seq", 0),
+        "command": request.get("command"),
+        "success": success,
+    }
+    reply.update(fields)
+    return reply
+
+
+class Debugger:
+    """One agent's debugger: the connection to debugpy and what Jupyter asks of it."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        #: debugpy's events (``{"type": "debug_event", "content": <DAP event>}``).
+        self.log = background_log()
+        self.started = False
+        self.endpoint: Optional[tuple[str, int]] = None
+        self.adapter_pids: Set[int] = set()
+        self.breakpoints: Dict[str, List[Dict[str, Any]]] = {}
+        self.stopped_threads: Set[int] = set()
+        self._sock: Optional[socket.socket] = None
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._responses: Dict[int, Dict[str, Any]] = {}
+        self._initialized_seq: Optional[int] = None
+        self._attached = False
+        self._own_seq = OWN_SEQ_START
+        self._removed_cleanup: Dict[int, Any] = {}
+        self._code_dir = ""  # debugpy's folder, once imported
+
+    # -- the kernel's requests
+    def handle(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """Answer one DAP request (server thread)."""
+        command = request.get("command")
+        if not isinstance(command, str):
+            return response(request, False, message="a debug request needs a command")
+        reason = unavailable_reason(self.agent.mode)
+        if reason is not None:
+            return response(request, False, message=f"The debugger is not available: {reason}")
+        if command == "initialize" and not self.started:
+            problem = self._start()
+            if problem:
+                return response(request, False, message=problem)
+            self.started = True
+        static = getattr(self, f"_static_{command}", None)
+        if static is not None:
+            reply: Dict[str, Any] = static(request)
+        elif not self.started:
+            reply = response(request, False, message="the debugger has not been initialized")
+        else:
+            own = getattr(self, f"_on_{command}", None)
+            reply = own(request) if own is not None else self.forward(request)
+            if command == "continue" and reply.get("success"):
+                # debugpy sends no ``continued`` event for the frontend's own continue.
+                body = reply.get("body") or {}
+                if body.get("allThreadsContinued", True):
+                    self.stopped_threads = set()
+                else:
+                    arguments = request.get("arguments") or {}
+                    self.stopped_threads.discard(int(arguments.get("threadId", 0)))
+        if command == "disconnect":
+            self._stop()
+        return reply
+
+    # -- interrupts while debugging
+    def in_debugger_code(self, frame: Any) -> bool:
+        """Whether ``frame`` (where a SIGINT landed) is debugpy's own code."""
+        return bool(
+            self._code_dir
+            and frame is not None
+            and frame.f_code.co_filename.startswith(self._code_dir)
+        )
+
+    def interrupt(self) -> None:
+        """Interrupt the running cell while debugging (server thread).
+
+        A cell stopped at a breakpoint waits inside debugpy, where a KeyboardInterrupt
+        would end the tracing of the cell's thread (its breakpoints would never stop it
+        again). So stopped threads are resumed first, and the SIGINT is sent again until
+        it lands in the cell's code (the agent's handler ignores it inside debugpy).
+        """
+        untraced(threading.Thread(target=self._interrupt, daemon=True)).start()
+
+    def _interrupt(self) -> None:
+        agent = self.agent
+        raised = agent.sigints_raised
+        deadline = time.monotonic() + INTERRUPT_SECONDS
+        while agent.sigints_raised == raised and agent.in_user_code:
+            if time.monotonic() > deadline:
+                log.warning("the interrupt did not reach the cell's code while debugging")
+                return
+            if self.stopped_threads:
+                self._own("continue", threadId=min(self.stopped_threads))
+                self.stopped_threads = set()
+            signal.pthread_kill(agent.main_ident, signal.SIGINT)
+            time.sleep(INTERRUPT_RETRY_SECONDS)
+
+    # -- starting and stopping
+    def _start(self) -> Optional[str]:
+        if self.endpoint is None:
+            try:
+                self.endpoint = self.agent.call_on_main(self._listen)
+            except TimeoutError:
+                return "the debugger can only start while no cell runs; try again then"
+            except Exception as exc:
+                log.exception("debugpy.listen failed")
+                return f"debugpy could not start in the sandbox: {exc}"
+        try:
+            sock = socket.create_connection(self.endpoint, timeout=10.0)
+        except OSError as exc:
+            return f"could not reach debugpy in the sandbox: {exc}"
+        sock.settimeout(None)
+        self._sock = sock
+        self._attached = False
+        self._initialized_seq = None
+        untraced(threading.Thread(target=self._read, args=(sock,), daemon=True)).start()
+        self._keep_leading_empty_lines(True)
+        return None
+
+    def _listen(self) -> tuple[str, int]:
+        """Main thread: start debugpy's adapter and tracing in this process."""
+        import debugpy
+
+        os.makedirs(cell_folder(), mode=0o700, exist_ok=True)
+        before = _children()
+        self._code_dir = os.path.dirname(os.path.abspath(debugpy.__file__))
+        host, port = debugpy.listen(("127.0.0.1", 0))
+        # Interrupts SIGINT the cell's children; debugpy's adapter is not one of them.
+        self.adapter_pids = _children() - before
+        log.info("debugpy %s listening on %s:%d", debugpy.__version__, host, port)
+        return str(host), int(port)
+
+    def _stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.started = False
+        self.breakpoints = {}
+        self.stopped_threads = set()
+        self._keep_leading_empty_lines(False)
+
+    def _keep_leading_empty_lines(self, keep: bool) -> None:
+        """While debugging, IPython must not drop a cell's leading empty lines, or the
+        lines of the running code and of the dumped cell would differ."""
+        shell = getattr(self.agent.runner, "shell", None)
+        if shell is None:
+            return
+        from IPython.core.inputtransformer2 import leading_empty_lines
+
+        transforms = shell.input_transformer_manager.cleanup_transforms
+        if keep and leading_empty_lines in transforms:
+            index = transforms.index(leading_empty_lines)
+            self._removed_cleanup[index] = transforms.pop(index)
+        elif not keep:
+            for index in sorted(self._removed_cleanup):
+                transforms.insert(index, self._removed_cleanup.pop(index))
+
+    # -- talking to debugpy
+    def forward(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        """Send ``request`` to debugpy and wait for its response."""
+        sock = self._sock
+        if sock is None:
+            return response(request, False, message="the debugger is not connected")
+        seq = int(request.get("seq", 0))
+        body = json.dumps(request, ensure_ascii=False).encode("utf-8")
+        with self._cond:
+            self._responses.pop(seq, None)
+        try:
+            with self._send_lock:
+                sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        except OSError as exc:
+            return response(request, False, message=f"the debugger's connection failed: {exc}")
+        with self._cond:
+            if not self._cond.wait_for(lambda: seq in self._responses, RESPONSE_TIMEOUT):
+                return response(request, False, message="debugpy did not answer in time")
+            return self._responses.pop(seq)
+
+    def _own(self, command: str, **arguments: Any) -> Dict[str, Any]:
+        with self._cond:
+            self._own_seq += 1
+            seq = self._own_seq
+        return self.forward(
+            {"type": "request", "seq": seq, "command": command, "arguments": arguments}
+        )
+
+    def _read(self, sock: socket.socket) -> None:
+        """Reader thread: DAP frames from debugpy, responses to their waiters, events to
+        the log (``Content-Length`` framing)."""
+        buffer = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    self._cond.notify_all()
+                return
+            buffer += data
+            while True:
+                head, sep, rest = buffer.partition(b"\r\n\r\n")
+                if not sep:
+                    break
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                if len(rest) < length:
+                    break
+                body, buffer = rest[:length], rest[length:]
+                try:
+                    message = json.loads(body)
+                except ValueError:
+                    log.warning("debugpy sent a frame that is not JSON")
+                    continue
+                self._dispatch(message)
+
+    def _dispatch(self, message: Dict[str, Any]) -> None:
+        if message.get("type") == "response":
+            with self._cond:
+                self._responses[int(message.get("request_seq", -1))] = message
+                self._cond.notify_all()
+            return
+        if message.get("type") != "event":
+            return
+        event, body = message.get("event"), message.get("body") or {}
+        if event == "initialized":
+            with self._cond:
+                self._initialized_seq = int(message.get("seq", 0))
+                self._cond.notify_all()
+        elif event == "stopped":
+            if body.get("allThreadsStopped"):
+                # Which threads stopped is asked of debugpy, whose answer this thread
+                # must read: ask from another one, then tell the frontend.
+                untraced(
+                    threading.Thread(target=self._all_stopped, args=(message,), daemon=True)
+                ).start()
+                return
+            self.stopped_threads.add(int(body.get("threadId", 0)))
+        elif event == "continued":
+            if body.get("allThreadsContinued"):
+                self.stopped_threads = set()
+            else:
+                self.stopped_threads.discard(int(body.get("threadId", 0)))
+        self.publish(message)
+
+    def _all_stopped(self, event: Dict[str, Any]) -> None:
+        reply = self._own("threads")
+        for thread in (reply.get("body") or {}).get("threads", []):
+            if thread.get("name") != "IPythonHistorySavingThread":
+                self.stopped_threads.add(int(thread["id"]))
+        self.publish(event)
+
+    def publish(self, message: Dict[str, Any]) -> None:
+        agent = self.agent
+        with agent.cond:
+            if self.log.add({"type": "debug_event", "content": message}):
+                trim_background(self.log)
+                agent.cond.notify_all()
+
+    # -- requests answered here, debugger started or not (ipykernel's "static" ones)
+    def _static_debugInfo(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        return response(
+            request,
+            body={
+                "isStarted": self.started,
+                "hashMethod": "Murmur2",
+                "hashSeed": HASH_SEED,
+                "tmpFilePrefix": cell_folder() + os.sep,
+                "tmpFileSuffix": ".py",
+                "breakpoints": [
+                    {"source": path, "breakpoints": points}
+                    for path, points in self.breakpoints.items()
+                ],
+                "stoppedThreads": sorted(self.stopped_threads),
+                "richRendering": True,
+                "exceptionPaths": ["Python Exceptions"],
+                "copyToGlobals": True,
+            },
+        )
+
+    def _static_inspectVariables(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        # On this thread, as the stock kernel answers it on its control thread: the
+        # main thread may be running a cell, or be stopped at a breakpoint.
+        variables = _namespace_variables()
+        return response(request, body={"variables": variables})
+
+    def _static_richInspectVariables(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        arguments = request.get("arguments") or {}
+        name = str(arguments.get("variableName", ""))
+        if not name.isidentifier():
+            special = name in ("special variables", "function variables")
+            return response(request, special, body={"data": {}, "metadata": {}})
+        data: Dict[str, Any] = {}
+        metadata: Dict[str, Any] = {}
+        if not self.stopped_threads:
+            shell = self.agent.runner.shell  # type: ignore[union-attr]
+            result = shell.user_expressions({name: name})[name]
+            if result.get("status") == "ok":
+                data, metadata = result.get("data", {}), result.get("metadata", {})
+        else:
+            reply = self._own(
+                "evaluate",
+                expression=f"get_ipython().display_formatter.format({name})",
+                frameId=arguments.get("frameId"),
+                context="clipboard",
+            )
+            if reply.get("success"):
+                try:
+                    data, metadata = ast.literal_eval(reply["body"]["result"])
+                except (ValueError, SyntaxError, KeyError, TypeError):
+                    data, metadata = {}, {}
+        body = {"data": data, "metadata": {k: v for k, v in metadata.items() if k in data}}
+        return response(request, body=body)
+
+    def _static_copyToGlobals(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        arguments = request.get("arguments") or {}
+        dst = str(arguments.get("dstVariableName", ""))
+        src = str(arguments.get("srcVariableName", ""))
+        if not dst.isidentifier() or not src.isidentifier():
+            message = "dstVariableName and srcVariableName must be valid identifiers"
+            return response(request, False, message=message)
+        return self._own(
+            "setExpression",
+            expression=f"globals()['{dst}']",
+            value=src,
+            frameId=arguments.get("srcFrameId"),
+        )
+
+    def _static_modules(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        modules = list(sys.modules.copy().values())
+        arguments = request.get("arguments") or {}
+        start = int(arguments.get("startModule", 0) or 0)
+        count = int(arguments.get("moduleCount", 0) or len(modules))
+        found = []
+        for index, module in enumerate(modules[start : start + count], start):
+            path = getattr(getattr(module, "__spec__", None), "origin", None)
+            if isinstance(path, str) and path.endswith(".py"):
+                found.append({"id": index, "name": module.__name__, "path": path})
+        return response(request, body={"modules": found, "totalModules": len(modules)})
+
+    # -- requests that need a started debugger, answered (partly) here
+    def _on_dumpCell(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        code = str((request.get("arguments") or {}).get("code", ""))
+        path = cell_file_name(code)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(code)
+        return response(request, body={"sourcePath": path})
+
+    def _on_setBreakpoints(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        arguments = request.get("arguments") or {}
+        path = str((arguments.get("source") or {}).get("path", ""))
+        self.breakpoints[path] = list(arguments.get("breakpoints") or [])
+        reply = self.forward(request)
+        if reply.get("success"):
+            # debugpy may move a breakpoint to another line: keep where it landed.
+            points = (reply.get("body") or {}).get("breakpoints", [])
+            self.breakpoints[path] = [{"line": p["line"]} for p in points if "line" in p]
+        return reply
+
+    def _on_source(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        path = str(((request.get("arguments") or {}).get("source") or {}).get("path", ""))
+        try:
+            with open(path, encoding="utf-8") as f:
+                return response(request, body={"content": f.read()})
+        except (OSError, UnicodeDecodeError):
+            return response(request, False, message="source unavailable", body={})
+
+    def _on_variables(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        reply = self.forward(request)
+        body = reply.get("body")
+        if isinstance(body, dict) and isinstance(body.get("variables"), list):
+            body["variables"] = [v for v in body["variables"] if accept_variable(v.get("name", ""))]
+        return reply
+
+    def _on_attach(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        assert self.endpoint is not None
+        arguments = dict(request.get("arguments") or {})
+        host, port = self.endpoint
+        arguments["connect"] = {"host": host, "port": port}
+        # The agent's own code and everything imported before the first cell are not
+        # the notebook's: no stepping into them, no frames of them in stack traces.
+        own = [location.ROOT + os.sep + "**", *self.agent.own_files]
+        arguments["rules"] = [{"path": path, "include": False} for path in own]
+        request = {**request, "arguments": arguments}
+        if self._attached:
+            return self.forward(request)
+        # The first attach: debugpy answers only after the configuration is done, which
+        # it asks for with its ``initialized`` event (the stock kernel's sequence).
+        seq = int(request.get("seq", 0))
+        sock = self._sock
+        if sock is None:
+            return response(request, False, message="the debugger is not connected")
+        body = json.dumps(request).encode("utf-8")
+        with self._send_lock:
+            sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._initialized_seq is not None, RESPONSE_TIMEOUT):
+                return response(request, False, message="debugpy did not initialize in time")
+        self._own("configurationDone")
+        with self._cond:
+            if not self._cond.wait_for(lambda: seq in self._responses, RESPONSE_TIMEOUT):
+                return response(request, False, message="debugpy did not attach in time")
+            self._attached = True
+            return self._responses.pop(seq)
+
+    def _on_disconnect(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        # The debuggee is the notebook's Python: ending the debugging session must never
+        # end it (and debugpy's adapter must stay, to serve the next session).
+        arguments = {**(request.get("arguments") or {}), "terminateDebuggee": False}
+        return self.forward({**request, "arguments": arguments})
+
+    def _on_configurationDone(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        # Sent to debugpy at the first attach already; later ones change nothing.
+        return response(request)
+
+
+def _namespace_variables() -> List[Dict[str, Any]]:
+    """The notebook's globals as DAP variables, formatted by pydevd as the
+    stock kernel's ``inspectVariables`` does, so nested values can be expanded."""
+    # Puts pydevd's bundle on sys.path, so it must come first.
+    importlib.import_module("debugpy.server.api")
+    from _pydevd_bundle import pydevd_frame_utils
+    from _pydevd_bundle.pydevd_api import PyDevdAPI
+    from _pydevd_bundle.pydevd_suspended_frames import (
+        SuspendedFramesManager,
+        _FramesTracker,
+    )
+    from IPython import get_ipython
+
+    class _Code:
+        co_filename = cell_file_name("sys._getframe()")
+        co_name = "<module>"
+
+    class _Frame:
+        def __init__(self, namespace: Dict[str, Any]) -> None:
+            self.f_code = _Code()
+            self.f_globals = self.f_locals = namespace
+            self.f_back = None
+
+    class _PyDB:
+        variable_presentation = PyDevdAPI.VariablePresentation()
+
+    manager = SuspendedFramesManager()
+    tracker = _FramesTracker(manager, _PyDB())
+    frame = _Frame(get_ipython().user_ns)
+    tracker.track("thread1", pydevd_frame_utils.create_frames_list_from_frame(frame))
+    try:
+        children = manager.get_variable(id(frame)).get_children_variables()
+        return [v for v in (c.get_var_data() for c in children) if accept_variable(v["name"])]
+    finally:
+        tracker.untrack_all()
+
+
+def _children() -> Set[int]:
+    """The pids of this process's children (from /proc)."""
+    me, found = os.getpid(), set[int]()
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return found
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and int(fields[1]) == me:
+            found.add(int(name))
+    return found

@@ -1,0 +1,176 @@
+"""The sandbox's resource figures, read from inside: memory, its limit, CPU, processes.
+
+``ops.Requests.op_usage`` answers the kernel's ``usage_request`` with
+:meth:`Resources.usage`; ``core.Agent`` wraps each cell in :meth:`Resources.cell` to
+put its time, CPU and peak memory into the ``done`` event. Sources, in order: the
+sandbox's cgroup (v2, then v1) where it is visible, else every process in ``/proc``
+(a sandbox's own pid namespace shows only its processes). Peak memory during a cell is
+sampled every :data:`SAMPLE_SECONDS` by one thread that sleeps while no cell runs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from .debugging import untraced
+
+#: How often memory is sampled while a cell runs (its peak is the largest sample).
+SAMPLE_SECONDS = 0.1
+#: A cgroup limit at or above this means "no limit" (v1 writes a huge number).
+_NO_LIMIT = 1 << 60
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _pids() -> List[str]:
+    try:
+        return [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return [str(os.getpid())]
+
+
+def memory_in_use() -> Tuple[int, str]:
+    """Bytes in use by the sandbox, and where the figure comes from."""
+    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        text = _read(path)
+        if text and text.strip().isdigit():
+            return int(text), "cgroup"
+    total = 0
+    for pid in _pids():
+        fields = (_read(f"/proc/{pid}/statm") or "").split()
+        if len(fields) > 1:
+            total += int(fields[1]) * _PAGE
+    return total, "processes"
+
+
+def memory_limit() -> Optional[int]:
+    """The sandbox's memory limit in bytes: its cgroup's, else the one the local service
+    names (``MODBOX_MEMORY_LIMIT``, when the jail cannot see its cgroup), else the
+    address-space limit, else the machine's memory."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        text = (_read(path) or "").strip()
+        if text.isdigit() and int(text) < _NO_LIMIT:
+            return int(text)
+    named = os.environ.get("MODBOX_MEMORY_LIMIT", "")
+    if named.isdigit():
+        return int(named)
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        return int(soft)
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def cpu_seconds() -> float:
+    """CPU time the sandbox has used: its cgroup's, else the sum over its processes
+    (each one's own time plus that of its children that have ended)."""
+    stat = _read("/sys/fs/cgroup/cpu.stat")
+    if stat:
+        for line in stat.splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    text = (_read("/sys/fs/cgroup/cpuacct/cpuacct.usage") or "").strip()
+    if text.isdigit():
+        return int(text) / 1e9
+    total = 0
+    for pid in _pids():
+        raw = _read(f"/proc/{pid}/stat")
+        if not raw:
+            continue
+        fields = raw.rsplit(")", 1)[-1].split()
+        # utime, stime, cutime, cstime: fields 14-17 of stat(5), 12-15 after the name.
+        total += sum(int(x) for x in fields[11:15])
+    return total / _TICKS
+
+
+def cpu_count() -> float:
+    """CPUs the sandbox may use: its cgroup quota, else its affinity mask."""
+    text = (_read("/sys/fs/cgroup/cpu.max") or "").split()
+    if len(text) == 2 and text[0].isdigit():
+        return round(int(text[0]) / int(text[1]), 2)
+    try:
+        return float(len(os.sched_getaffinity(0)))
+    except OSError:
+        return float(os.cpu_count() or 1)
+
+
+class Resources:
+    """Figures for ``usage``, and per-cell time, CPU and peak memory."""
+
+    def __init__(self) -> None:
+        self._last: Optional[Tuple[float, float]] = None  # (monotonic, cpu seconds)
+        self._cond = threading.Condition()
+        self._sampling = False
+        self._peak = 0
+        self._sampler: Optional[threading.Thread] = None
+
+    def usage(self) -> Dict[str, Any]:
+        """The sandbox's figures now; ``cpu_percent`` is since the previous call (100 is
+        one CPU; 0 at the first call, as psutil's ``cpu_percent``)."""
+        now, cpu = time.monotonic(), cpu_seconds()
+        percent = 0.0
+        if self._last is not None and now > self._last[0]:
+            percent = 100.0 * max(0.0, cpu - self._last[1]) / (now - self._last[0])
+        self._last = (now, cpu)
+        used, source = memory_in_use()
+        return {
+            "memory_bytes": used,
+            "memory_source": source,
+            "memory_limit_bytes": memory_limit(),
+            "cpu_seconds": round(cpu, 3),
+            "cpu_percent": round(percent, 1),
+            "cpu_count": cpu_count(),
+            "processes": len(_pids()),
+        }
+
+    # -- per cell (main thread)
+    def cell_started(self) -> Tuple[float, float]:
+        used, _ = memory_in_use()
+        with self._cond:
+            self._peak = used
+            self._sampling = True
+            if self._sampler is None:
+                self._sampler = untraced(
+                    threading.Thread(target=self._sample, name="modbox-usage", daemon=True)
+                )
+                self._sampler.start()
+            self._cond.notify_all()
+        return time.monotonic(), cpu_seconds()
+
+    def cell_finished(self, started: Tuple[float, float]) -> Dict[str, Any]:
+        used, _ = memory_in_use()
+        with self._cond:
+            self._sampling = False
+            peak = max(self._peak, used)
+        return {
+            "seconds": round(time.monotonic() - started[0], 6),
+            "cpu_seconds": round(max(0.0, cpu_seconds() - started[1]), 3),
+            "peak_memory_bytes": peak,
+        }
+
+    def _sample(self) -> None:
+        while True:
+            with self._cond:
+                while not self._sampling:
+                    self._cond.wait()
+                self._cond.wait(SAMPLE_SECONDS)
+                if not self._sampling:
+                    continue
+            used, _ = memory_in_use()
+            with self._cond:
+                self._peak = max(self._peak, used)
