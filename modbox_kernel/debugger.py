@@ -68,8 +68,15 @@ def predicted_available(embedded: bool, sandbox_env: Mapping[str, str]) -> bool:
 class DebugRelay:
     """The frontend's debugger session, relayed to the sandbox's debugpy."""
 
-    def __init__(self, session: SandboxSession, publish: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        session: SandboxSession,
+        publish: Callable[[dict[str, Any]], None],
+        problems: list[str],
+    ) -> None:
         self._session = session
+        # Malformed settings: no sandbox may be started, not even for the debugger.
+        self._problems = problems
         self._publish = publish
         self._task: asyncio.Task[None] | None = None
         # Where the last session's listener stopped in the agent's debug log, so that
@@ -88,6 +95,9 @@ class DebugRelay:
         command = content.get("command")
         if not isinstance(command, str):
             return failure(content, "a debug request needs a 'command'")
+        if self._problems:
+            text = "; ".join(self._problems)
+            return failure(content, f"Modbox Python cannot start a sandbox: {text}")
         try:
             reply = await self._session.query(names.OP_DEBUG, request=dict(content))
         except ModboxError as exc:

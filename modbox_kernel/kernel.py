@@ -109,7 +109,9 @@ class ModboxKernel(KernelSettings, ControlRequests):
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
         self.magic = magic.ModboxMagic(self.sandbox, folder)
         # JupyterLab's debugger, relayed to debugpy in the sandbox (debugger.py).
-        self.debug_relay = DebugRelay(self.sandbox, self._publish_debug_event)
+        self.debug_relay = DebugRelay(
+            self.sandbox, self._publish_debug_event, problems=self._env.problems
+        )
         self._debug_parent: dict[str, Any] = {}
         self._allow_stdin = False
         self._shutdown_done = threading.Event()

@@ -312,3 +312,37 @@ def test_no_console_error_that_python3_does_not_also_give(lab: LabServer) -> Non
     python3 = {_normalised(line) for line in CONSOLE[PYTHON3]}
     extra = [line for line in CONSOLE[MODBOX] if _normalised(line) not in python3]
     assert extra == [], "\n".join(extra)
+
+
+def test_the_debugger_stops_at_a_breakpoint_and_shows_the_local_variable(
+    page: Any, lab: LabServer
+) -> None:
+    notebook = open_notebook(page, lab)
+    bug = page.locator(".jp-NotebookPanel-toolbar .jp-DebuggerBugButton")
+    assert wait_until(lambda: bug.is_enabled(), 30), "the debugger button stays disabled"
+    bug.click()
+    assert wait_until(lambda: bug.get_attribute("aria-pressed") == "true", 30)
+    index = notebook.cells.count() - 1
+    notebook.type_into_last_cell(
+        "def double(a):\n    b = a * 2\n    return b\n\nprint(double(21))", paste=True
+    )
+    cell = notebook.cell(index)  # not cells.last: running the cell adds a new one
+    # A click in the breakpoint gutter beside the second line, as a person sets one.
+    line = cell.locator(".cm-line").nth(1).bounding_box()
+    gutter = cell.locator(".cm-gutter.cm-breakpoint-gutter").bounding_box()
+    assert line is not None and gutter is not None
+    page.mouse.click(gutter["x"] + gutter["width"] / 2, line["y"] + line["height"] / 2)
+    page.locator(".jp-DebuggerBreakpoint").first.wait_for()  # listed in the sidebar
+    cell.locator(".cm-content").click()
+    page.keyboard.press("Shift+Enter")
+    variables = page.locator(".jp-DebuggerVariables")
+    shows_a = lambda: re.search(r"\ba\b[\s\S]*\b21\b", variables.inner_text()) is not None  # noqa: E731
+    assert wait_until(shows_a, 60), f"Variables panel: {variables.inner_text()!r}"
+    prompt = cell.locator(".jp-InputArea-prompt").inner_text().strip()
+    assert prompt == "[*]:", f"the cell is not held at the breakpoint: {prompt}"
+    assert notebook.output_text(cell) == ""
+    page.locator("[data-command='debugger:continue']").first.click()
+    notebook.wait_finished(cell)
+    assert notebook.output_text(cell).strip() == "42"
+    bug.click()  # debugging off again: the next cell runs as before
+    assert _ran(notebook, "print('after')") == "after"

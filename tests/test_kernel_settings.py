@@ -42,6 +42,13 @@ def test_a_bad_setting_is_the_first_cells_error_and_the_kernel_lives(
             # The same error is the cell's output (what the notebook saves).
             errors = [m["content"] for m in run.outputs if m["msg_type"] == "error"]
             assert [e["evalue"] for e in errors] == [sentence]
+        # The debugger gives the same sentence and starts nothing either.
+        debug = kc.session.msg(
+            "debug_request", {"type": "request", "seq": 1, "command": "initialize"}
+        )
+        kc.control_channel.send(debug)
+        reply = kc.control_channel.get_msg(timeout=10)["content"]
+        assert reply["success"] is False and variable in reply["message"], reply
         # Alive: it still answers, and it started no embedded service.
         kc.kernel_info()
         assert kc.get_shell_msg(timeout=10)["content"]["status"] == "ok"

@@ -69,6 +69,8 @@ def test_exec_environment_is_cleared_plus_env_vars(local_service: LocalService) 
             "PIP_PREFIX", "PYTHONPATH", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_RETRIES",
             # the sandbox's own account, as its /etc/passwd names it (bwrap jails)
             "USER", "LOGNAME",
+            # the memory cgroup's limit, which the jail cannot see (usage figures)
+            "MODBOX_MEMORY_LIMIT",
             # set by bash itself
             "PWD", "SHLVL", "_", "OLDPWD",
         }  # fmt: skip
