@@ -268,9 +268,15 @@ class Debugger:
         except OSError as exc:
             return response(request, False, message=f"the debugger's connection failed: {exc}")
         with self._cond:
-            if not self._cond.wait_for(lambda: seq in self._responses, RESPONSE_TIMEOUT):
-                return response(request, False, message="debugpy did not answer in time")
-            return self._responses.pop(seq)
+            # A closed connection (debugpy gone, or a disconnect) ends the wait too.
+            answered = self._cond.wait_for(
+                lambda: seq in self._responses or self._sock is not sock, RESPONSE_TIMEOUT
+            )
+            if seq in self._responses:
+                return self._responses.pop(seq)
+            if answered:
+                return response(request, False, message="the debugger's connection closed")
+            return response(request, False, message="debugpy did not answer in time")
 
     def _own(self, command: str, **arguments: Any) -> Dict[str, Any]:
         with self._cond:
@@ -291,6 +297,9 @@ class Debugger:
                 data = b""
             if not data:
                 with self._cond:
+                    if self._sock is sock:
+                        self._sock = None
+                        self.started = False
                     self._cond.notify_all()
                 return
             buffer += data
