@@ -82,6 +82,12 @@ class JailProcess:
     def alive(self) -> bool:
         return self._proc is not None and self.exit_code is None
 
+    @property
+    def namespace_gone(self) -> bool:
+        """The jail had its own pid namespace and has exited: the kernel killed every
+        process in it, and none can be born there any more."""
+        return self._pid_namespace and self.exit_code is not None
+
     async def start(self, timeout: float) -> None:
         """Spawn the jail and wait for the supervisor's hello frame."""
         loop = asyncio.get_running_loop()

@@ -35,11 +35,15 @@ def sandbox_pids(sandbox_id: str) -> set[int]:
     return found
 
 
-def kill_sandbox_processes(sandbox_id: str, grace: float = 2.0) -> set[int]:
+def kill_sandbox_processes(
+    sandbox_id: str, grace: float = 2.0, *, confirm: bool = True
+) -> set[int]:
     """SIGKILL every process of the sandbox until none is left; return the survivors.
 
-    "None left" takes two empty scans in a row, 50 ms apart: a process that was forking
-    when its parent got SIGKILL can surface just after a scan came back empty.
+    With ``confirm``, "none left" takes two empty scans in a row, 50 ms apart: a process
+    that was forking when its parent got SIGKILL can surface just after a scan came back
+    empty. Without it (the caller knows the sandbox's pid namespace has ended, so no
+    process can be born in it) one empty scan is enough.
     """
     deadline = time.monotonic() + grace
     empty_scans = 0
@@ -47,7 +51,7 @@ def kill_sandbox_processes(sandbox_id: str, grace: float = 2.0) -> set[int]:
         pids = sandbox_pids(sandbox_id)
         if not pids:
             empty_scans += 1
-            if empty_scans >= 2:
+            if empty_scans >= (2 if confirm else 1):
                 return pids
             time.sleep(0.05)
             continue

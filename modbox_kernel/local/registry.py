@@ -377,7 +377,10 @@ class Registry(JailCalls):
         self.usage.settle(sandbox)  # while its cgroup can still be read
         if sandbox.cgroup is not None:
             sandbox.cgroup.kill_and_remove()
-        survivors = kill_sandbox_processes(sandbox.id)
+        # After a pid namespace's end one empty scan is proof; otherwise (no bwrap) a
+        # process forking as its parent died may surface a moment later: scan twice.
+        gone = sandbox.jail is not None and sandbox.jail.namespace_gone
+        survivors = kill_sandbox_processes(sandbox.id, confirm=not gone)
         if survivors:
             log.error("sandbox %s: processes %s survived SIGKILL", sandbox.id, sorted(survivors))
         # rmtree never follows symlinks, so links the sandbox planted cannot redirect it.
