@@ -4,8 +4,11 @@
 :meth:`Resources.usage`; ``core.Agent`` wraps each cell in :meth:`Resources.cell` to
 put its time, CPU and peak memory into the ``done`` event. Sources, in order: the
 sandbox's cgroup (v2, then v1) where it is visible, else every process in ``/proc``
-(a sandbox's own pid namespace shows only its processes). Peak memory during a cell is
-sampled every :data:`SAMPLE_SECONDS` by one thread that sleeps while no cell runs.
+(a sandbox's own pid namespace shows only its processes). A cell's CPU is the agent's
+own and that of the children it waited for (one ``times()`` call: every cell pays for
+it). Peak memory during a cell is the largest of the readings at its end and every
+:data:`SAMPLE_SECONDS` from :data:`FIRST_SAMPLE_SECONDS` on, taken by one thread that
+looks once a second whether a cell runs (so a quick cell wakes no thread at all).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from .debugging import untraced
 
 #: How often memory is sampled while a cell runs (its peak is the largest sample).
 SAMPLE_SECONDS = 0.1
+#: How often the sampling thread looks whether a cell runs (the first sample of a cell
+#: comes within this long of its start).
+FIRST_SAMPLE_SECONDS = 1.0
 #: A cgroup limit at or above this means "no limit" (v1 writes a huge number).
 _NO_LIMIT = 1 << 60
 
@@ -140,17 +146,15 @@ class Resources:
 
     # -- per cell (main thread)
     def cell_started(self) -> Tuple[float, float]:
-        used, _ = memory_in_use()
         with self._cond:
-            self._peak = used
+            self._peak = 0
             self._sampling = True
             if self._sampler is None:
                 self._sampler = untraced(
                     threading.Thread(target=self._sample, name="modbox-usage", daemon=True)
                 )
                 self._sampler.start()
-            self._cond.notify_all()
-        return time.monotonic(), cpu_seconds()
+        return time.monotonic(), _own_cpu()
 
     def cell_finished(self, started: Tuple[float, float]) -> Dict[str, Any]:
         used, _ = memory_in_use()
@@ -159,18 +163,23 @@ class Resources:
             peak = max(self._peak, used)
         return {
             "seconds": round(time.monotonic() - started[0], 6),
-            "cpu_seconds": round(max(0.0, cpu_seconds() - started[1]), 3),
+            "cpu_seconds": round(max(0.0, _own_cpu() - started[1]), 3),
             "peak_memory_bytes": peak,
         }
 
     def _sample(self) -> None:
         while True:
             with self._cond:
-                while not self._sampling:
-                    self._cond.wait()
-                self._cond.wait(SAMPLE_SECONDS)
+                self._cond.wait(SAMPLE_SECONDS if self._sampling else FIRST_SAMPLE_SECONDS)
                 if not self._sampling:
                     continue
             used, _ = memory_in_use()
             with self._cond:
-                self._peak = max(self._peak, used)
+                if self._sampling:
+                    self._peak = max(self._peak, used)
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its children it waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
