@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
-from .debugging import untraced
+from .dapclient import untraced
 
 if TYPE_CHECKING:
     from .core import Agent

@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, Iterator, Optional
 from . import comms
 from .capture import OutputCapture
 from .cells import Call, Cell, background_log, trim_background
-from .debugging import Debugger, unavailable_reason, untraced
+from .dapclient import untraced
+from .debugging import Debugger, unavailable_reason
 from .fallback import FallbackRunner
 from .ipython_runner import make_ipython_runner
 from .location import agent_version

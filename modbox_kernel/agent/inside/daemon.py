@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 from . import location
 from .core import Agent
-from .debugging import untraced
+from .dapclient import untraced
 from .ops import Requests
 from .server import Server
 from .state import LOG_NAME, unlink_state_files, write_private

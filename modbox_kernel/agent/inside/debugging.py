@@ -11,7 +11,7 @@ stock kernel gives them (ipykernel's ``debugger.py``); the rest go to debugpy.
 Why inside the agent: cells run on the agent's main thread, so that is the process
 debugpy must trace. ``debugpy.listen`` starts debugpy's adapter (a child process
 listening on loopback) at the first ``initialize``; this module connects to it as the
-DAP client and never stops it (debugpy cannot listen twice in one process), so a later
+DAP client (``dapclient.DapConnection``) and never stops it (debugpy cannot listen twice in one process), so a later
 ``initialize`` connects again. The agent's own threads are marked as debugger threads
 (:func:`untraced`): they are never suspended at a breakpoint, which is what keeps
 requests flowing while a cell is stopped.
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import logging
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
 
 from . import location
 from .cells import background_log, trim_background
+from .dapclient import DapConnection, untraced
 from .naming import HASH_SEED, cell_file_name, cell_folder
 
 if TYPE_CHECKING:
@@ -43,11 +42,6 @@ log = logging.getLogger("modbox.agent")
 
 #: Set to 1 in the sandbox's environment to run as if debugpy were not installed.
 DISABLE_ENV = "MODBOX_AGENT_NO_DEBUGGER"
-#: How long a request forwarded to debugpy waits for its response.
-RESPONSE_TIMEOUT = 30.0
-#: Sequence numbers of the requests this module makes itself (``threads`` after a stop,
-#: ``evaluate`` for a rich inspection): far above any a frontend uses.
-OWN_SEQ_START = 1_000_000_000
 
 #: How long an interrupt while debugging keeps trying to reach the cell's code, and
 #: how often it signals meanwhile.
@@ -59,14 +53,6 @@ _HIDDEN_NAMES = frozenset(
     "__name__ __doc__ __package__ __loader__ __spec__ __annotations__ __builtins__ "
     "__builtin__ __display__ get_ipython debugpy exit quit In Out _oh _dh _ __ ___".split()
 )
-
-
-def untraced(thread: threading.Thread) -> threading.Thread:
-    """Mark an agent thread as one the debugger neither traces nor suspends (the flags
-    pydevd looks for, which ipykernel sets on its own threads)."""
-    thread.pydev_do_not_trace = True  # type: ignore[attr-defined]
-    thread.is_pydev_daemon_thread = True  # type: ignore[attr-defined]
-    return thread
 
 
 def unavailable_reason(runner_mode: str) -> Optional[str]:
@@ -112,13 +98,8 @@ class Debugger:
         self.adapter_pids: Set[int] = set()
         self.breakpoints: Dict[str, List[Dict[str, Any]]] = {}
         self.stopped_threads: Set[int] = set()
-        self._sock: Optional[socket.socket] = None
-        self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._responses: Dict[int, Dict[str, Any]] = {}
-        self._initialized_seq: Optional[int] = None
+        self._dap: Optional[DapConnection] = None
         self._attached = False
-        self._own_seq = OWN_SEQ_START
         self._removed_cleanup: Dict[int, Any] = {}
         self._code_dir = ""  # debugpy's folder, once imported
 
@@ -200,14 +181,10 @@ class Debugger:
                 log.exception("debugpy.listen failed")
                 return f"debugpy could not start in the sandbox: {exc}"
         try:
-            sock = socket.create_connection(self.endpoint, timeout=10.0)
+            self._dap = DapConnection(self.endpoint, self._on_event, self._closed)
         except OSError as exc:
             return f"could not reach debugpy in the sandbox: {exc}"
-        sock.settimeout(None)
-        self._sock = sock
         self._attached = False
-        self._initialized_seq = None
-        untraced(threading.Thread(target=self._read, args=(sock,), daemon=True)).start()
         self._keep_leading_empty_lines(True)
         return None
 
@@ -224,13 +201,16 @@ class Debugger:
         log.info("debugpy %s listening on %s:%d", debugpy.__version__, host, port)
         return str(host), int(port)
 
+    def _closed(self, dap: DapConnection) -> None:
+        """The reader saw the connection end (debugpy gone, or our own close)."""
+        if self._dap is dap:
+            self._dap = None
+            self.started = False
+
     def _stop(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        dap, self._dap = self._dap, None
+        if dap is not None:
+            dap.close()
         self.started = False
         self.breakpoints = {}
         self.stopped_threads = set()
@@ -255,90 +235,24 @@ class Debugger:
     # -- talking to debugpy
     def forward(self, request: Dict[str, Any]) -> Dict[str, Any]:
         """Send ``request`` to debugpy and wait for its response."""
-        sock = self._sock
-        if sock is None:
+        dap = self._dap
+        if dap is None:
             return response(request, False, message="the debugger is not connected")
-        seq = int(request.get("seq", 0))
-        body = json.dumps(request, ensure_ascii=False).encode("utf-8")
-        with self._cond:
-            self._responses.pop(seq, None)
-        try:
-            with self._send_lock:
-                sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        except OSError as exc:
-            return response(request, False, message=f"the debugger's connection failed: {exc}")
-        with self._cond:
-            # A closed connection (debugpy gone, or a disconnect) ends the wait too.
-            answered = self._cond.wait_for(
-                lambda: seq in self._responses or self._sock is not sock, RESPONSE_TIMEOUT
-            )
-            if seq in self._responses:
-                return self._responses.pop(seq)
-            if answered:
-                return response(request, False, message="the debugger's connection closed")
-            return response(request, False, message="debugpy did not answer in time")
+        return dap.request(request)
 
     def _own(self, command: str, **arguments: Any) -> Dict[str, Any]:
-        with self._cond:
-            self._own_seq += 1
-            seq = self._own_seq
-        return self.forward(
-            {"type": "request", "seq": seq, "command": command, "arguments": arguments}
-        )
+        dap = self._dap
+        if dap is None:
+            return {"success": False, "message": "the debugger is not connected"}
+        return dap.own(command, **arguments)
 
-    def _read(self, sock: socket.socket) -> None:
-        """Reader thread: DAP frames from debugpy, responses to their waiters, events to
-        the log (``Content-Length`` framing)."""
-        buffer = b""
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                with self._cond:
-                    if self._sock is sock:
-                        self._sock = None
-                        self.started = False
-                    self._cond.notify_all()
-                return
-            buffer += data
-            while True:
-                head, sep, rest = buffer.partition(b"\r\n\r\n")
-                if not sep:
-                    break
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value.strip())
-                if len(rest) < length:
-                    break
-                body, buffer = rest[:length], rest[length:]
-                try:
-                    message = json.loads(body)
-                except ValueError:
-                    log.warning("debugpy sent a frame that is not JSON")
-                    continue
-                self._dispatch(message)
-
-    def _dispatch(self, message: Dict[str, Any]) -> None:
-        if message.get("type") == "response":
-            with self._cond:
-                self._responses[int(message.get("request_seq", -1))] = message
-                self._cond.notify_all()
-            return
-        if message.get("type") != "event":
-            return
+    def _on_event(self, message: Dict[str, Any]) -> None:
+        """Reader thread: track stopped threads as the stock kernel does; publish."""
         event, body = message.get("event"), message.get("body") or {}
-        if event == "initialized":
-            with self._cond:
-                self._initialized_seq = int(message.get("seq", 0))
-                self._cond.notify_all()
-        elif event == "stopped":
+        if event == "stopped":
             if body.get("allThreadsStopped"):
-                # Which threads stopped is asked of debugpy, whose answer this thread
-                # must read: ask from another one, then tell the frontend.
+                # Which threads stopped is asked of debugpy, whose answer the reader
+                # thread must read: ask from another one, then tell the frontend.
                 untraced(
                     threading.Thread(target=self._all_stopped, args=(message,), daemon=True)
                 ).start()
@@ -495,22 +409,18 @@ class Debugger:
             return self.forward(request)
         # The first attach: debugpy answers only after the configuration is done, which
         # it asks for with its ``initialized`` event (the stock kernel's sequence).
-        seq = int(request.get("seq", 0))
-        sock = self._sock
-        if sock is None:
+        dap = self._dap
+        if dap is None:
             return response(request, False, message="the debugger is not connected")
-        body = json.dumps(request).encode("utf-8")
-        with self._send_lock:
-            sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._initialized_seq is not None, RESPONSE_TIMEOUT):
-                return response(request, False, message="debugpy did not initialize in time")
-        self._own("configurationDone")
-        with self._cond:
-            if not self._cond.wait_for(lambda: seq in self._responses, RESPONSE_TIMEOUT):
-                return response(request, False, message="debugpy did not attach in time")
-            self._attached = True
-            return self._responses.pop(seq)
+        problem = dap.send(request)
+        if problem:
+            return response(request, False, message=problem)
+        if not dap.wait_initialized():
+            return response(request, False, message="debugpy did not initialize in time")
+        dap.own("configurationDone")
+        reply = dap.response(request)
+        self._attached = bool(reply.get("success"))
+        return reply
 
     def _on_disconnect(self, request: Dict[str, Any]) -> Dict[str, Any]:
         # The debuggee is the notebook's Python: ending the debugging session must never

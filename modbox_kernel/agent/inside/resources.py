@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .debugging import untraced
+from .dapclient import untraced
 
 #: How often memory is sampled while a cell runs (its peak is the largest sample).
 SAMPLE_SECONDS = 0.1

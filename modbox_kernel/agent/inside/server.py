@@ -14,7 +14,7 @@ import socketserver
 import threading
 from typing import TYPE_CHECKING, Any, Dict
 
-from .debugging import untraced
+from .dapclient import untraced
 from .wire import MAX_REQUEST_LINE, encode_answer
 
 if TYPE_CHECKING:
