@@ -47,7 +47,7 @@ INITIALIZE = {
     "locale": "en",
 }
 
-CODE = "def f(a, b):\n    c = a + b\n    return c\n\nresult = f(2, 3)"
+CODE = "def f(a, b):\n    c = a + b\n    return c\n\nresult = f(2, 3)\nagain = f(1, 1)"
 
 
 def debug(kc: BlockingKernelClient, command: str, arguments: Any = None) -> dict[str, Any]:
@@ -158,6 +158,13 @@ def debugging_session(kc: BlockingKernelClient) -> dict[str, Any]:
     seen["evaluate"] = debug(
         kc, "evaluate", {"expression": "a * 10", "frameId": frames[0]["id"], "context": "repl"}
     )["body"]["result"]
+    # Out of f, over to the next line, into f again.
+    for command in ("stepOut", "next", "stepIn"):
+        assert debug(kc, command, {"threadId": thread})["success"], command
+        stopped = debug_event(kc, "stopped")
+        top = debug(kc, "stackTrace", {"threadId": thread})["body"]["stackFrames"][0]
+        seen[f"after_{command}"] = (stopped["body"]["reason"], top["name"], top["line"])
+    seen["locals_after_stepIn"] = variables_of(kc, top["id"], "Locals")
     assert debug(kc, "continue", {"threadId": thread})["success"]
     reply = execute_reply(kc, msg_id)
     seen["cell_status"] = reply["content"]["status"]
@@ -187,6 +194,11 @@ def test_a_debugging_session_shows_what_the_stock_kernel_shows(modbox: Any) -> N
     assert got["locals_at_stop"] == {"a": "2", "b": "3"}
     assert got["line_after_next"] == 3 and got["locals_after_next"]["c"] == "5"
     assert got["rich_c"] == {"text/plain": "5"} and got["globals_hold_copy"] == "5"
+    assert got["after_stepOut"][1:] == ("<module>", 5) and got["after_next"][1:] == ("<module>", 6)
+    assert got["after_stepIn"][1:] == ("f", 2) and got["locals_after_stepIn"] == {
+        "a": "1",
+        "b": "1",
+    }
     assert got["namespace"] == {"result": "5", "c_copy": "5"}
     assert got["rich_text_not_stopped"] == {"text/plain": "'Hello the world'"}
     assert got["next_cell"] == ("ok", "5 5\n")
