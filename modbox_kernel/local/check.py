@@ -81,7 +81,7 @@ class Line:
 async def run_check(config: ServiceConfig) -> int:
     header = _header(config)
     try:
-        jail = choose_jail(config)
+        jail = choose_jail(config, remembered=False)
         failure = None
     except StartupError as exc:
         jail, failure = None, str(exc)

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import seccomp
+from . import probecache, seccomp
 from .config import Limits, ServiceConfig
 from .jail import OPTIONAL_BWRAP_FLAGS, REQUIRED_BWRAP_FLAGS, BwrapJail, Jail, JailSpec
 from .launcher import Privilege
@@ -43,7 +43,9 @@ class StartupError(Exception):
     """The service cannot start as configured; ``str()`` says why and what to change."""
 
 
-def choose_jail(config: ServiceConfig) -> Jail:
+def choose_jail(config: ServiceConfig, *, remembered: bool = True) -> Jail:
+    """The jail for this service; ``remembered``: a probe that passed earlier this boot
+    with the same jail need not run again (``probecache``; ``--check`` always probes)."""
     prlimit = shutil.which("prlimit")
     if prlimit is None:
         raise StartupError(
@@ -60,7 +62,7 @@ def choose_jail(config: ServiceConfig) -> Jail:
         log.warning("ISOLATION DISABLED (--isolation none): sandboxes run as plain host processes")
         return Jail(mode="none", prlimit=prlimit)
     try:
-        return _working_bwrap_jail(config, prlimit)
+        return _working_bwrap_jail(config, prlimit, remembered)
     except StartupError as exc:
         if config.isolation == "bwrap" or require:
             why = (
@@ -80,7 +82,7 @@ def choose_jail(config: ServiceConfig) -> Jail:
         return Jail(mode="none", prlimit=prlimit)
 
 
-def _working_bwrap_jail(config: ServiceConfig, prlimit: str) -> BwrapJail:
+def _working_bwrap_jail(config: ServiceConfig, prlimit: str, remembered: bool) -> BwrapJail:
     bwrap = _find_bwrap(config.bwrap)
     optional = _bwrap_flags(bwrap)
     program = seccomp.filter_program()
@@ -96,11 +98,16 @@ def _working_bwrap_jail(config: ServiceConfig, prlimit: str) -> BwrapJail:
             optional_flags=optional,
             seccomp_program=program,
         )
-        try:
-            _probe(jail, config.limits, config.state_dir)
-        except StartupError as exc:
-            failures.append(str(exc))
-            continue
+        key = probecache.probe_key(jail)
+        if remembered and probecache.passed_before(key):
+            log.info("this bubblewrap jail passed its probe earlier this boot; not probing again")
+        else:
+            try:
+                _probe(jail, config.limits, config.state_dir)
+            except StartupError as exc:
+                failures.append(str(exc))
+                continue
+            probecache.remember(key)
         if failures:
             log.warning(
                 "!!! DEGRADED ISOLATION: the jail with an unprivileged sandbox uid failed (%s); "

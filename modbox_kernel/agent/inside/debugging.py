@@ -11,10 +11,11 @@ stock kernel gives them (ipykernel's ``debugger.py``); the rest go to debugpy.
 Why inside the agent: cells run on the agent's main thread, so that is the process
 debugpy must trace. ``debugpy.listen`` starts debugpy's adapter (a child process
 listening on loopback) at the first ``initialize``; this module connects to it as the
-DAP client (``dapclient.DapConnection``) and never stops it (debugpy cannot listen twice in one process), so a later
-``initialize`` connects again. The agent's own threads are marked as debugger threads
-(:func:`untraced`): they are never suspended at a breakpoint, which is what keeps
-requests flowing while a cell is stopped.
+DAP client (``dapclient.DapConnection``) and never stops it (debugpy cannot listen
+twice in one process), so a later ``initialize`` connects again. The agent's own
+threads are marked as debugger threads (``dapclient.untraced``): they are never
+suspended at a breakpoint, which is what keeps requests flowing while a cell is
+stopped.
 """
 
 from __future__ import annotations
