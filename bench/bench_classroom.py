@@ -49,8 +49,7 @@ def host_cpu_percent(seconds: float) -> float:
     time.sleep(seconds)
     after = psutil.cpu_times()
     busy = sum(
-        getattr(after, f) - getattr(before, f)
-        for f in ("user", "nice", "system", "irq", "softirq")
+        getattr(after, f) - getattr(before, f) for f in ("user", "nice", "system", "irq", "softirq")
     )
     return 100.0 * busy / seconds
 

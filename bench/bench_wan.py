@@ -13,7 +13,9 @@ in the same run (which has no network in its path):
 * cell ``pass`` round trip p50 (execute_request → idle);
 * stream latency p50/p95 (``print`` of a timestamp in the sandbox → the IOPub message);
 * interrupt → the KeyboardInterrupt reply (median of 5);
-* stdout throughput (50 MB in 1 MB writes, output cap lifted).
+* stdout throughput (50 MB in 1 MB writes, output cap lifted);
+* the proxy's own round trip: ``GET /health`` through it, p50 (what a cell's one
+  request costs in network alone; the proxy's timers add a little to the nominal RTT).
 
 The figures the issue asks for at RTT 40 ms: stream p50 ≤ 35 ms, ``pass`` p50 ≤ RTT
 + 10 ms, interrupt ≤ 200 ms, throughput ≥ 25 MB/s.
@@ -27,7 +29,9 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
+import httpx
 from bench_kernel import interrupt_latency, pct, run_cell, start, stream_latencies, throughput
 from delayproxy import DelayProxy
 
@@ -58,6 +62,21 @@ def figures(name: str, env: dict[str, str], rounds: int) -> dict[str, float]:
         "interrupt to reply (ms)": statistics.median(interrupts),
         "stdout throughput (MB/s)": rate,
     }
+
+
+NETWORK = "proxy round trip p50 (ms)"
+
+
+def network_round_trip(url: str, rounds: int = 40) -> float:
+    """p50 in ms of ``GET /health`` through the proxy: the network's part of a request."""
+    times = []
+    with httpx.Client() as client:
+        client.get(f"{url}/health")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            client.get(f"{url}/health")
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def behind_proxy(rtt_ms: float) -> tuple[subprocess.Popen[bytes], DelayProxy, dict[str, str]]:
@@ -100,10 +119,13 @@ def main() -> None:
 
     local = dict(os.environ, MODBOX_OUTPUT_LIMIT="0")
     columns = {"python3": figures("python3", local, args.rounds)}
+    columns["python3"][NETWORK] = 0.0
     for rtt in rtts:
         service, proxy, env = behind_proxy(rtt)
         try:
-            columns[f"RTT {rtt:g} ms"] = figures("modbox-python", env, args.rounds)
+            column = figures("modbox-python", env, args.rounds)
+            column[NETWORK] = network_round_trip(proxy.url)
+            columns[f"RTT {rtt:g} ms"] = column
         finally:
             service.terminate()
             service.wait(10)

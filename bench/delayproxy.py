@@ -4,7 +4,9 @@ Used by ``bench_wan.py``: the kernel talks to a shared local service through it,
 service advertises the proxy (``--public-url``) so runtime calls take the same path.
 Every chunk read on one side is written to the other ``delay`` seconds later, in
 order; bandwidth is not limited (loopback's), so an RTT of ``2 * delay`` is all that
-changes. Runs its own event loop on a thread, so a synchronous benchmark can use it.
+changes. It runs in a process of its own (this file as a script, handed the listening
+socket): a network is not in the client's process, and a proxy thread there would
+compete for the benchmark's GIL and add its own milliseconds to every figure.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
+import subprocess
+import sys
 import time
 
 
@@ -25,17 +28,22 @@ class DelayProxy:
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._upstream = 0
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, upstream_port: int) -> None:
+        """Forward to ``upstream_port`` from a child process that takes the socket."""
         self._upstream = upstream_port
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        fd = self._sock.fileno()
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, str(fd), str(upstream_port), repr(self.delay)],
+            pass_fds=[fd],
+        )
+        self._sock.close()  # the child listens now
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(5)
 
     async def _serve(self) -> None:
         self._server = await asyncio.start_server(self._client, sock=self._sock)
@@ -77,3 +85,15 @@ class DelayProxy:
             with contextlib.suppress(Exception):
                 await sender
             writer.close()
+
+
+async def _main(fd: int, upstream: int, delay: float) -> None:
+    proxy = DelayProxy.__new__(DelayProxy)
+    proxy.delay, proxy._upstream = delay, upstream
+    proxy._sock = socket.socket(fileno=fd)
+    await proxy._serve()
+    await asyncio.Event().wait()  # until terminated
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
