@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,11 +37,11 @@ def _as(service: LocalService, token: str) -> httpx.Client:
     )
 
 
-def _create(service: LocalService, token: str, **body: object) -> dict[str, object]:
+def _create(service: LocalService, token: str, **body: object) -> dict[str, Any]:
     with _as(service, token) as client:
         created = client.post("/sandboxes", json=body)
         assert created.status_code == 200, created.text
-        answer: dict[str, object] = created.json()
+        answer: dict[str, Any] = created.json()
         waited = client.post(f"/sandboxes/{answer['sandbox_id']}/wait", json={"timeout": 60})
         assert waited.json()["ready"], waited.text
         return answer
@@ -147,3 +148,67 @@ def test_a_kernel_with_an_owner_credential_runs_cells(shared: LocalService) -> N
         assert sandbox["status"] == "running"
     finally:
         stop_kernel(km, kc)
+
+
+# --------------------------------------------------------------------------- roles
+
+ROLE_SECRET = f"roles-{secrets.token_hex(16)}"
+
+
+@pytest.fixture(scope="module")
+def with_roles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalService]:
+    log = Path(tmp_path_factory.mktemp("roles")) / "service.log"
+    args = ("--token", ROLE_SECRET, "--role", "assistant:memory=256,sandboxes=1")
+    with running_local_service(log, *args) as s:
+        yield s
+
+
+def _exec(created: dict[str, Any], command: str) -> httpx.Response:
+    """An exec in a sandbox ``_create`` made, with its own runtime credential."""
+    endpoint, capabilities = created["endpoint"], created["capabilities"]
+    assert isinstance(endpoint, dict) and isinstance(capabilities, dict)
+    token = endpoint["access_token"]
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=60) as runtime:
+        return runtime.post(capabilities["exec"], json={"command": command})
+
+
+def test_a_role_has_its_own_memory_limit_and_cap(with_roles: LocalService) -> None:
+    health = httpx.get(f"{with_roles.base_url}/health").json()
+    if "memory" not in health["limits"]:
+        pytest.skip(f"no writable memory cgroup on this host ({health['limits']})")
+    assistant = owner_token(ROLE_SECRET, "dana", "assistant")
+    student = owner_token(ROLE_SECRET, "erin")
+    mine = _create(with_roles, assistant)
+    theirs = _create(with_roles, student)
+    limit = _exec(mine, 'echo "$MODBOX_MEMORY_LIMIT"')
+    assert limit.json()["stdout"].strip() == str(256 << 20), limit.text
+    hog = "python3 -c 'b = bytearray(400 << 20); b[::4096] = bytes(len(b[::4096]))'"
+    # The student's sandbox keeps the service's 2 GiB; the assistant's 256 MiB stops it.
+    assert _exec(theirs, hog).json()["exitCode"] == 0
+    killed = _exec(mine, hog)
+    assert killed.status_code == 404 and "out of memory (limit 256 MiB)" in killed.text, killed.text
+    # The role's cap: one live sandbox (the killed one is gone).
+    _create(with_roles, assistant)
+    with _as(with_roles, assistant) as client:
+        refused = client.post("/sandboxes", json={})
+    assert refused.status_code == 429, refused.text
+    message = refused.json()["error"]["message"] + refused.json()["error"]["hint"]
+    assert "one assistant" in message and "--role assistant:sandboxes=N" in message
+
+
+def test_a_role_is_under_the_signature_and_must_exist(with_roles: LocalService) -> None:
+    signed = owner_token(ROLE_SECRET, "fay", "assistant")
+    promoted = signed.replace("+assistant:", "+ghost:")
+    with _as(with_roles, promoted) as client:
+        assert client.get("/sandboxes").status_code == 401
+    unknown = owner_token(ROLE_SECRET, "fay", "ghost")  # correctly signed, no such role
+    with _as(with_roles, unknown) as client:
+        refused = client.post("/sandboxes", json={})
+        assert client.get("/sandboxes").status_code == 200  # who it is stays valid
+    assert refused.status_code == 403, refused.text
+    assert "'ghost'" in refused.json()["error"]["message"]
+    # One owner, with or without the role: the same sandboxes.
+    plain = owner_token(ROLE_SECRET, "fay")
+    made = str(_create(with_roles, plain)["sandbox_id"])
+    with _as(with_roles, signed) as client:
+        assert made in {s["id"] for s in client.get("/sandboxes").json()["sandboxes"]}

@@ -35,7 +35,7 @@ from . import owners, usage
 from .app import build_app
 from .cgroups import detect as detect_cgroups
 from .check import run_check
-from .config import DEFAULT_SANDBOX_UID, GIB, MIB, Limits, ServiceConfig
+from .config import DEFAULT_SANDBOX_UID, GIB, MIB, Limits, Role, ServiceConfig, parse_role
 from .isolation import StartupError, choose_jail
 from .orphans import become_subreaper
 from .pool import Pool
@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "token is --token / $MODBOX_LOCAL_TOKEN, then exit: that credential sees and "
         "holds only OWNER's sandboxes",
     )
+    parser.add_argument(
+        "--owner-role",
+        metavar="ROLE",
+        default=None,
+        help="with --owner-token: the credential's role (see --role)",
+    )
     limits = parser.add_argument_group("limits per sandbox")
     limits.add_argument("--exec-timeout", type=float, default=300.0, help="default exec limit (s)")
     limits.add_argument(
@@ -158,6 +164,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     limits.add_argument(
         "--workspace-mib", type=int, default=1024, help="size of the workspace (MiB, tmpfs)"
+    )
+    limits.add_argument(
+        "--role",
+        action="append",
+        type=_role,
+        default=[],
+        metavar="NAME:memory=MIB,sandboxes=N",
+        help="a role owner credentials may name (--owner-role): its own memory limit per "
+        "sandbox and cap on an owner's live sandboxes, e.g. instructor:memory=4096,"
+        "sandboxes=8 (repeatable)",
     )
     host = parser.add_argument_group("admission (per service)")
     host.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes at most")
@@ -352,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             bwrap=args.bwrap,
             sandbox_uid=args.sandbox_uid,
             sandbox_gid=args.sandbox_uid,
+            roles=dict(args.role),
         )
         if args.check:
             return asyncio.run(run_check(config))
@@ -402,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def _role(text: str) -> tuple[str, Role]:
+    try:
+        return parse_role(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _print_owner_token(args: argparse.Namespace) -> int:
     secret = args.token or os.environ.get("MODBOX_LOCAL_TOKEN")
     if not secret:
@@ -411,7 +435,7 @@ def _print_owner_token(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        print(owners.owner_token(secret, args.owner_token))
+        print(owners.owner_token(secret, args.owner_token, args.owner_role))
     except ValueError as exc:
         print(f"--owner-token: {exc}", file=sys.stderr)
         return 2

@@ -60,20 +60,23 @@ def admit(
     raise at_capacity(live, why, place=place, waiting=len(line), full=full)
 
 
-def admit_owner(owner: str, live: int, limits: Limits) -> None:
-    """Raise a 429 when ``owner`` already has as many live sandboxes as one may.
+def admit_owner(owner: str, live: int, limits: Limits, role: str | None = None) -> None:
+    """Raise a 429 when ``owner`` already has as many live sandboxes as one may (in
+    ``role``, whose cap ``limits`` then holds).
 
     Not a place in line: waiting would not free one of the owner's own sandboxes.
     """
     cap = limits.max_sandboxes_per_owner
     if cap and live >= cap:
+        who = "one user" if role is None else f"one {role}"
+        setting = "--max-sandboxes-per-owner" if role is None else f"--role {role}:sandboxes=N"
         raise ServiceError(
             429,
             "rate_limited",
-            f"{owner} already has {live} {_noun(live)} running, the most one user may "
+            f"{owner} already has {live} {_noun(live)} running, the most {who} may "
             f"have at once ({cap}).",
             hint="Shut down a kernel you no longer use (each notebook's kernel has its own "
-            "sandbox); the service's operator sets the cap with --max-sandboxes-per-owner.",
+            f"sandbox); the service's operator sets the cap with {setting}.",
             retryable=False,
         )
 

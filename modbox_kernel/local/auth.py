@@ -35,13 +35,19 @@ def token_matches(given: str | None, expected: str | None) -> bool:
 def require_principal(request: Request, secret: str) -> str | None:
     """The control plane's caller: None for the admin (the service token), else the
     owner an owner credential names (``owners``). Anything else is a 401."""
+    return require_caller(request, secret)[0]
+
+
+def require_caller(request: Request, secret: str) -> tuple[str | None, str | None]:
+    """(owner, role) of the control plane's caller: (None, None) for the admin; a 401
+    for anything but the service token or a valid owner credential."""
     given = bearer_token(request)
     if given is not None and not token_matches(given, secret):
-        owner = owners.owner_of(secret, given)
-        if owner is not None:
-            return owner
+        found = owners.identify(secret, given)
+        if found is not None:
+            return found
     require_token(request, secret)
-    return None
+    return None, None
 
 
 def require_token(request: Request, *accepted: str | None) -> None:

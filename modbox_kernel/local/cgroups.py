@@ -160,9 +160,12 @@ class CgroupManager:
             parts.append("cpu fair share")
         return f"cgroup {self.version}: " + ", ".join(parts)
 
-    def create(self, sandbox_id: str) -> SandboxCgroup | None:
+    def create(self, sandbox_id: str, memory: int | None = None) -> SandboxCgroup | None:
+        """The sandbox's cgroups, with ``memory`` (bytes) as its limit instead of the
+        service's (an owner role's)."""
         if self.version == "none":
             return None
+        memory_limit = self.memory_limit if memory is None else memory
         name = f"{PREFIX}{os.getpid()}-{sandbox_id}"
         dirs: list[Path] = []
         memory_dir = pids_dir = cpu_dir = None
@@ -172,14 +175,14 @@ class CgroupManager:
                 d = self.memory_base / name
                 d.mkdir()
                 dirs.append(d)
-                _write_v2_limits(d, self.memory_limit, self.pids_limit, self.cpus)
+                _write_v2_limits(d, memory_limit, self.pids_limit, self.cpus)
                 memory_dir = pids_dir = cpu_dir = d
             else:
                 if self.memory_base is not None:
                     memory_dir = self.memory_base / name
                     memory_dir.mkdir()
                     dirs.append(memory_dir)
-                    _write_v1_memory(memory_dir, self.memory_limit)
+                    _write_v1_memory(memory_dir, memory_limit)
                 if self.pids_base is not None:
                     pids_dir = self.pids_base / name
                     pids_dir.mkdir()

@@ -6,6 +6,7 @@ every other module receives it and only reads it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Role:
+    """What an owner credential naming this role gets instead of the defaults
+    (``--role NAME:memory=MIB,sandboxes=N``)."""
+
+    memory: int  # the hard memory limit of each of its sandboxes (bytes)
+    max_sandboxes: int  # live sandboxes one owner in this role may hold; 0 = no cap
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """Everything the service needs to know, fixed for its lifetime."""
 
@@ -79,3 +89,22 @@ class ServiceConfig:
     bwrap: str | None = None  # explicit bwrap executable (default: found on PATH)
     sandbox_uid: int = DEFAULT_SANDBOX_UID  # used only when the service runs as root
     sandbox_gid: int = DEFAULT_SANDBOX_UID
+    roles: dict[str, Role] = field(default_factory=dict)  # owner credentials' roles
+
+
+def parse_role(text: str) -> tuple[str, Role]:
+    """``NAME:memory=MIB,sandboxes=N`` (either part may be left out: the default's) as
+    (name, Role); ValueError with a sentence when malformed."""
+    name, _, spec = text.partition(":")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+        raise ValueError(f"{text!r}: a role is NAME:memory=MIB,sandboxes=N")
+    defaults = Limits()
+    values = {"memory": defaults.memory // MIB, "sandboxes": defaults.max_sandboxes_per_owner}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in values or not value.strip().isdigit():
+            raise ValueError(f"{text!r}: expected memory=MIB and/or sandboxes=N after the name")
+        values[key] = int(value)
+    if values["memory"] < 64:
+        raise ValueError(f"{text!r}: a role's memory must be at least 64 MiB")
+    return name, Role(memory=values["memory"] * MIB, max_sandboxes=values["sandboxes"])

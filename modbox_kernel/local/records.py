@@ -56,6 +56,7 @@ class Sandbox:
     workspace_path: str  # the workspace as commands inside see it
     env_vars: dict[str, str]
     owner: str | None = None  # who created it (``owners``); None: the admin
+    limits: Limits | None = None  # its owner's role's limits; None: the service's own
     created_mono: float = field(default_factory=time.monotonic)  # for sandbox-seconds
     status: str = PROVISIONING
     updated_at: datetime = field(default_factory=utcnow)

@@ -29,13 +29,14 @@ import secrets
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import orphans
 from .admission import admit, admit_owner, host_memory_available
 from .cgroups import CgroupManager
-from .config import ServiceConfig
+from .config import Limits, ServiceConfig
 from .envelope import ServiceError
 from .jail import Jail, JailSpec
 from .jailcalls import JailCalls
@@ -159,6 +160,7 @@ class Registry(JailCalls):
         *,
         queue_key: str | None = None,
         owner: str | None = None,
+        role: str | None = None,
         pooled: bool = False,
     ) -> Sandbox:
         """Register a sandbox and start its jail in the background.
@@ -181,9 +183,10 @@ class Registry(JailCalls):
                 hint="Choose another task_id, or destroy the existing sandbox first.",
                 retryable=False,
             )
+        limits = self._role_limits(role)
         if owner is not None:
-            admit_owner(owner, self.live_count(owner), self.config.limits)
-        if self.pool is not None and not pooled:
+            admit_owner(owner, self.live_count(owner), limits, role)
+        if self.pool is not None and not pooled and role is None:
             # A sandbox made in advance already holds its place in the host's budget.
             taken = self.pool.hand_over(request, name, owner)
             if taken is not None:
@@ -204,7 +207,7 @@ class Registry(JailCalls):
             workspace.mkdir(parents=True, mode=0o700)
             (workspace / "uploads").mkdir()
         now = utcnow()
-        spec = JailSpec(sandbox_id, workspace, self.config.limits)
+        spec = JailSpec(sandbox_id, workspace, limits)
         sandbox = Sandbox(
             id=sandbox_id,
             name=name,
@@ -220,12 +223,35 @@ class Registry(JailCalls):
             workspace_path=self.jail.workspace_path(spec),
             env_vars=request.env_vars,
             owner=owner,
+            limits=None if role is None else limits,
             pooled=pooled,
         )
         self._sandboxes[sandbox_id] = sandbox
         sandbox.start_task = self.spawn(self._start(sandbox), f"start-{sandbox_id}")
         log.info("sandbox %s (%s) provisioning", sandbox_id, name)
         return sandbox
+
+    def _role_limits(self, role: str | None) -> Limits:
+        """The limits of a sandbox made for a credential in ``role`` (403 if this
+        service has no such role)."""
+        if role is None:
+            return self.config.limits
+        found = self.config.roles.get(role)
+        if found is None:
+            raise ServiceError(
+                403,
+                "forbidden",
+                f"The credential names the role {role!r}, which this service does not have.",
+                hint="The service's operator defines roles with --role NAME:memory=MIB,"
+                "sandboxes=N; or use a credential without a role.",
+                retryable=False,
+            )
+        return replace(
+            self.config.limits, memory=found.memory, max_sandboxes_per_owner=found.max_sandboxes
+        )
+
+    def limits_of(self, sandbox: Sandbox) -> Limits:
+        return sandbox.limits or self.config.limits
 
     def _prune(self) -> None:
         """Forget the oldest destroyed records beyond KEEP_DESTROYED."""
@@ -241,11 +267,12 @@ class Registry(JailCalls):
         # while its jail still starts: decide now, not after the awaits below.
         announce = not sandbox.pooled
         try:
-            sandbox.cgroup = await asyncio.to_thread(self.cgroups.create, sandbox.id)
+            limits = self.limits_of(sandbox)
+            sandbox.cgroup = await asyncio.to_thread(self.cgroups.create, sandbox.id, limits.memory)
             spec = JailSpec(
                 sandbox.id,
                 sandbox.workspace,
-                self.config.limits,
+                limits,
                 network=self.config.network,
                 cgroup_procs=sandbox.cgroup.procs_files if sandbox.cgroup else (),
                 address_space=(
@@ -294,11 +321,11 @@ class Registry(JailCalls):
     def _end_if_oom(self, sandbox: Sandbox) -> bool:
         """Destroy a sandbox whose memory cgroup saw an OOM kill; True if it did (or had)."""
         if sandbox.status == DESTROYED:
-            return (sandbox.error or "").startswith(oom_reason(self.config.limits))
+            return (sandbox.error or "").startswith(oom_reason(self.limits_of(sandbox)))
         cgroup = sandbox.cgroup
         if cgroup is None or cgroup.oom_kills() == 0:
             return False
-        reason = oom_reason(self.config.limits)
+        reason = oom_reason(self.limits_of(sandbox))
         if cgroup.pids_limit_hits() > 0:
             # A fork bomb of a big process (an IPython agent copying itself) usually
             # ends in the OOM killer; name the process limit it ran into too.
@@ -313,7 +340,7 @@ class Registry(JailCalls):
         """Destroy a sandbox that can no longer work, recording why."""
         sandbox.error = reason
         log.warning("sandbox %s ended: %s", sandbox.id, reason)
-        if reason.startswith(oom_reason(self.config.limits)):
+        if reason.startswith(oom_reason(self.limits_of(sandbox))):
             self.usage.count_event(sandbox, "oom_kills")
         # Mark it destroyed now, synchronously, so no exec slips in before the teardown.
         sandbox.destroyed_at = utcnow()

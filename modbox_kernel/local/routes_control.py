@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import shapes
-from .auth import require_principal
+from .auth import require_caller, require_principal
 from .bodies import opt_bool, opt_env, opt_int, opt_number, opt_str, read_json_object, req_str
 from .envelope import ServiceError, validation_error
 from .registry import STATUSES, ProvisionInput, Sandbox
@@ -62,7 +62,8 @@ async def list_sandboxes(request: Request) -> JSONResponse:
 
 
 async def create_sandbox(request: Request) -> JSONResponse:
-    state, owner = _caller(request)
+    state = service(request)
+    owner, role = require_caller(request, state.config.token)
     key = request.headers.get("idempotency-key") or None
     if key is not None and owner is not None:
         key = f"{owner}\x00{key}"  # one owner's key never replays another's answer
@@ -75,7 +76,7 @@ async def create_sandbox(request: Request) -> JSONResponse:
     # Another request with the same key may have finished while we read the body.
     if key is not None and (replay := state.registry.idempotent_response(key)) is not None:
         return JSONResponse(replay)
-    sandbox = state.registry.create(provision, queue_key=key, owner=owner)
+    sandbox = state.registry.create(provision, queue_key=key, owner=owner, role=role)
     answer = shapes.provision_response(state.base_url, sandbox)
     if state.config.limits.lease_seconds > 0:
         # Advertises the lease extension (additive: clients that ignore it keep the TTL).
