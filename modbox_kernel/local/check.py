@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import seccomp
+from . import probecache, seccomp
 from .cgroups import CgroupManager
 from .cgroups import detect as detect_cgroups
 from .config import ServiceConfig
@@ -85,6 +85,7 @@ async def run_check(config: ServiceConfig) -> int:
         failure = None
     except StartupError as exc:
         jail, failure = None, str(exc)
+        probecache.forget()  # what the host gives changed: no later start may skip a probe
     print(header)
     if jail is None:
         print(Line(False, f"bubblewrap jail: {failure}").render())

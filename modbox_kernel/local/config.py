@@ -70,8 +70,10 @@ class Role:
     """What an owner credential naming this role gets instead of the defaults
     (``--role NAME:memory=MIB,sandboxes=N``)."""
 
-    memory: int  # the hard memory limit of each of its sandboxes (bytes)
-    max_sandboxes: int  # live sandboxes one owner in this role may hold; 0 = no cap
+    # The hard memory limit of each of its sandboxes (bytes), and the live sandboxes one
+    # owner in this role may hold (0: no cap); None: the service's own.
+    memory: int | None = None
+    max_sandboxes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,18 +95,20 @@ class ServiceConfig:
 
 
 def parse_role(text: str) -> tuple[str, Role]:
-    """``NAME:memory=MIB,sandboxes=N`` (either part may be left out: the default's) as
-    (name, Role); ValueError with a sentence when malformed."""
+    """``NAME:memory=MIB,sandboxes=N`` as (name, Role); a part left out stays the
+    service's own. ValueError with a sentence when malformed."""
     name, _, spec = text.partition(":")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
         raise ValueError(f"{text!r}: a role is NAME:memory=MIB,sandboxes=N")
-    defaults = Limits()
-    values = {"memory": defaults.memory // MIB, "sandboxes": defaults.max_sandboxes_per_owner}
+    values: dict[str, int | None] = {"memory": None, "sandboxes": None}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in values or not value.strip().isdigit():
             raise ValueError(f"{text!r}: expected memory=MIB and/or sandboxes=N after the name")
         values[key] = int(value)
-    if values["memory"] < 64:
+    memory = values["memory"]
+    if memory is not None and memory < 64:
         raise ValueError(f"{text!r}: a role's memory must be at least 64 MiB")
-    return name, Role(memory=values["memory"] * MIB, max_sandboxes=values["sandboxes"])
+    return name, Role(
+        memory=None if memory is None else memory * MIB, max_sandboxes=values["sandboxes"]
+    )

@@ -86,7 +86,8 @@ class JailProcess:
     def namespace_gone(self) -> bool:
         """The jail had its own pid namespace and has exited: the kernel killed every
         process in it, and none can be born there any more."""
-        return self._pid_namespace and self.exit_code is not None
+        proc = self._proc
+        return self._pid_namespace and proc is not None and proc.returncode is not None
 
     async def start(self, timeout: float) -> None:
         """Spawn the jail and wait for the supervisor's hello frame."""

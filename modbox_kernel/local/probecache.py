@@ -28,13 +28,19 @@ import tempfile
 from pathlib import Path
 
 from . import jail as jail_module
-from . import launcher, seccomp, supervisor
-from .jail import BwrapJail
+from . import launcher, seccomp
+from .jail import SUPERVISOR_SOURCE, BwrapJail
 
 log = logging.getLogger(__name__)
 
 #: Keys remembered at most (one per jail shape; a few per machine in practice).
 KEEP_KEYS = 16
+#: Settings that decide whether unprivileged user namespaces work (part of the key).
+USERNS_SETTINGS = (
+    "/proc/sys/user/max_user_namespaces",
+    "/proc/sys/kernel/unprivileged_userns_clone",
+    "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+)
 
 
 def cache_file() -> Path:
@@ -59,18 +65,25 @@ def probe_key(jail: BwrapJail) -> str | None:
         f"{os.geteuid()}:{os.getegid()}",
         os.path.realpath(jail.bwrap),
         os.path.realpath(sys.executable),
-        f"{binary.st_ino}:{binary.st_size}:{binary.st_mtime_ns}",
+        f"{binary.st_ino}:{binary.st_size}:{binary.st_mtime_ns}:{binary.st_ctime_ns}",
+        f"{binary.st_mode}:{binary.st_uid}",
+        jail.prlimit,
         # Not the stage folder itself: each service has its own (a fresh state dir).
         repr((privilege.drop, privilege.setpriv, privilege.unshare, privilege.stage_dir is None)),
         ",".join(sorted(jail.optional_flags)),
     ]
+    # Namespace settings an administrator may change without a reboot.
+    for setting in USERNS_SETTINGS:
+        with contextlib.suppress(OSError):
+            parts.append(f"{setting}={Path(setting).read_text().strip()}")
     for part in parts:
         digest.update(part.encode() + b"\0")
     digest.update(jail.seccomp_program or b"")
     # The code that builds the jail: a changed jail shape is probed again.
-    for module in (jail_module, launcher, seccomp, supervisor):
+    sources = [Path(str(m.__file__)) for m in (jail_module, launcher, seccomp)]
+    for source in [*sources, Path(SUPERVISOR_SOURCE)]:
         with contextlib.suppress(OSError):
-            digest.update(Path(str(module.__file__)).read_bytes())
+            digest.update(source.read_bytes())
     return digest.hexdigest()
 
 
@@ -100,6 +113,13 @@ def _keys(path: Path) -> list[str]:
 def passed_before(key: str | None, path: Path | None = None) -> bool:
     """Whether a probe with ``key`` passed since the machine booted."""
     return key is not None and key in _keys(path or cache_file())
+
+
+def forget(path: Path | None = None) -> None:
+    """Drop every record (a bwrap jail failed after all, or ``--check`` failed): the
+    next start probes again."""
+    with contextlib.suppress(OSError):
+        (path or cache_file()).unlink()
 
 
 def remember(key: str | None, path: Path | None = None) -> None:

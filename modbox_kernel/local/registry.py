@@ -33,7 +33,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import orphans
+from . import orphans, probecache
 from .admission import admit, admit_owner, host_memory_available
 from .cgroups import CgroupManager
 from .config import Limits, ServiceConfig
@@ -246,8 +246,15 @@ class Registry(JailCalls):
                 "sandboxes=N; or use a credential without a role.",
                 retryable=False,
             )
+        limits = self.config.limits
         return replace(
-            self.config.limits, memory=found.memory, max_sandboxes_per_owner=found.max_sandboxes
+            limits,
+            memory=limits.memory if found.memory is None else found.memory,
+            max_sandboxes_per_owner=(
+                limits.max_sandboxes_per_owner
+                if found.max_sandboxes is None
+                else found.max_sandboxes
+            ),
         )
 
     def limits_of(self, sandbox: Sandbox) -> Limits:
@@ -301,6 +308,9 @@ class Registry(JailCalls):
         except Exception as exc:
             reason = str(exc) if isinstance(exc, JailGone) else f"{type(exc).__name__}: {exc}"
             log.error("sandbox %s failed to start: %s", sandbox.id, reason)
+            if self.jail.mode == "bwrap":
+                # Perhaps what the remembered probe vouched for changed: probe next time.
+                probecache.forget()
             sandbox.error = f"provisioning failed: {reason}"
             self.spawn(self.destroy(sandbox), f"destroy-{sandbox.id}")
             return

@@ -116,7 +116,7 @@ class Agent:
         """SIGINT handler: KeyboardInterrupt only in user code, never in the agent's."""
         if not self.in_user_code:
             return
-        if self.debugger.in_debugger_code(frame):
+        if self.debugger.loaded and self.debugger.in_debugger_code(frame):
             # Raised here, the KeyboardInterrupt would end debugpy's tracing of the cell
             # for good; ``Debugger.interrupt`` resumes the cell and signals again.
             return

@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, Optional
 
 log = logging.getLogger("modbox.agent")
 
-#: How long a request waits for its response, by default.
-RESPONSE_TIMEOUT = 30.0
+#: How long a request waits for its response, by default (below the kernel's 30 s for
+#: one agent request, so the frontend hears this sentence, not a transport error).
+RESPONSE_TIMEOUT = 20.0
 #: Sequence numbers of the requests the agent makes itself (``threads`` after a stop,
 #: ``evaluate`` for a rich inspection): far above any a frontend uses.
 OWN_SEQ_START = 1_000_000_000
@@ -114,12 +115,29 @@ class DapConnection:
             {"type": "request", "seq": seq, "command": command, "arguments": arguments}
         )
 
-    def wait_initialized(self, timeout: float = RESPONSE_TIMEOUT) -> bool:
-        """Wait for debugpy's ``initialized`` event (it comes after the first attach)."""
+    def wait_initialized(
+        self, answered: Optional[Dict[str, Any]] = None, timeout: float = RESPONSE_TIMEOUT
+    ) -> bool:
+        """Wait for debugpy's ``initialized`` event (it comes after the first attach);
+        also ends, True, when the ``answered`` request got its response instead or the
+        connection closed. False after ``timeout``."""
+        seq = None if answered is None else int(answered.get("seq", 0))
         with self._cond:
-            return self._cond.wait_for(lambda: self.initialized_seq is not None, timeout)
+            return self._cond.wait_for(
+                lambda: self.initialized_seq is not None or seq in self._responses or self.closed,
+                timeout,
+            )
 
     def _read(self) -> None:
+        try:
+            self._read_frames()
+        except Exception:  # a malformed frame, a failing event handler
+            log.exception("the debugger's connection failed")
+        finally:
+            self.close()
+            self._on_close(self)
+
+    def _read_frames(self) -> None:
         buffer = b""
         while True:
             try:
@@ -127,8 +145,6 @@ class DapConnection:
             except OSError:
                 data = b""
             if not data:
-                self.close()
-                self._on_close(self)
                 return
             buffer += data
             while True:

@@ -139,6 +139,11 @@ class Debugger:
         return reply
 
     # -- interrupts while debugging
+    @property
+    def loaded(self) -> bool:
+        """debugpy runs in this process (from the first start on, for good)."""
+        return self.endpoint is not None
+
     def in_debugger_code(self, frame: Any) -> bool:
         """Whether ``frame`` (where a SIGINT landed) is debugpy's own code."""
         return bool(
@@ -165,8 +170,9 @@ class Debugger:
             if time.monotonic() > deadline:
                 log.warning("the interrupt did not reach the cell's code while debugging")
                 return
-            if self.stopped_threads:
-                self._own("continue", threadId=min(self.stopped_threads))
+            stopped = set(self.stopped_threads)
+            if stopped:
+                self._own("continue", threadId=min(stopped))
                 self.stopped_threads = set()
             signal.pthread_kill(agent.main_ident, signal.SIGINT)
             time.sleep(INTERRUPT_RETRY_SECONDS)
@@ -174,13 +180,21 @@ class Debugger:
     # -- starting and stopping
     def _start(self) -> Optional[str]:
         if self.endpoint is None:
+            with self.agent.cond:
+                busy = self.agent.current is not None
+            if busy:
+                # debugpy must start on the main thread, which the cell holds: say so now
+                # rather than queue a start that would run (unasked) once the cell ends.
+                return "the debugger can only start while no cell runs; try again then"
             try:
-                self.endpoint = self.agent.call_on_main(self._listen)
+                self.agent.call_on_main(self._listen)
             except TimeoutError:
                 return "the debugger can only start while no cell runs; try again then"
             except Exception as exc:
                 log.exception("debugpy.listen failed")
                 return f"debugpy could not start in the sandbox: {exc}"
+        if self.endpoint is None:
+            return "debugpy could not start in the sandbox (see the agent's log)"
         try:
             self._dap = DapConnection(self.endpoint, self._on_event, self._closed)
         except OSError as exc:
@@ -189,8 +203,11 @@ class Debugger:
         self._keep_leading_empty_lines(True)
         return None
 
-    def _listen(self) -> tuple[str, int]:
-        """Main thread: start debugpy's adapter and tracing in this process."""
+    def _listen(self) -> None:
+        """Main thread: start debugpy's adapter and tracing in this process (once: a
+        start that ran late, after its request gave up, is still the one)."""
+        if self.endpoint is not None:
+            return
         import debugpy
 
         os.makedirs(cell_folder(), mode=0o700, exist_ok=True)
@@ -200,13 +217,12 @@ class Debugger:
         # Interrupts SIGINT the cell's children; debugpy's adapter is not one of them.
         self.adapter_pids = _children() - before
         log.info("debugpy %s listening on %s:%d", debugpy.__version__, host, port)
-        return str(host), int(port)
+        self.endpoint = (str(host), int(port))
 
     def _closed(self, dap: DapConnection) -> None:
         """The reader saw the connection end (debugpy gone, or our own close)."""
         if self._dap is dap:
-            self._dap = None
-            self.started = False
+            self._stop()
 
     def _stop(self) -> None:
         dap, self._dap = self._dap, None
@@ -294,7 +310,7 @@ class Debugger:
                     {"source": path, "breakpoints": points}
                     for path, points in self.breakpoints.items()
                 ],
-                "stoppedThreads": sorted(self.stopped_threads),
+                "stoppedThreads": sorted(set(self.stopped_threads)),
                 "richRendering": True,
                 "exceptionPaths": ["Python Exceptions"],
                 "copyToGlobals": True,
@@ -416,8 +432,10 @@ class Debugger:
         problem = dap.send(request)
         if problem:
             return response(request, False, message=problem)
-        if not dap.wait_initialized():
+        if not dap.wait_initialized(answered=request):
             return response(request, False, message="debugpy did not initialize in time")
+        if dap.initialized_seq is None:  # debugpy answered (a refusal) instead
+            return dap.response(request)
         dap.own("configurationDone")
         reply = dap.response(request)
         self._attached = bool(reply.get("success"))

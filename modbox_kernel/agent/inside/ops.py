@@ -193,7 +193,9 @@ class Requests:
         if running:
             # pthread_kill, not kill: the main thread must be the one whose sleep/read
             # gets EINTR, or the KeyboardInterrupt waits for that call to return.
-            if agent.debugger.started:
+            # Once debugpy is loaded it may hold the signal's landing place even
+            # between debugging sessions (its tracing stays): the retrying path then.
+            if agent.debugger.loaded:
                 agent.debugger.interrupt()
             else:
                 signal.pthread_kill(agent.main_ident, signal.SIGINT)

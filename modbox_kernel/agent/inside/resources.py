@@ -42,18 +42,84 @@ def _read(path: str) -> Optional[str]:
 
 
 def _pids() -> List[str]:
+    """The sandbox's processes: all of ``/proc`` in a sandbox's own pid namespace; where
+    the host's processes show (no namespace), those carrying this sandbox's id."""
     try:
-        return [name for name in os.listdir("/proc") if name.isdigit()]
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return [str(os.getpid())]
+    marker = os.environ.get("MODBOX_SANDBOX_ID")
+    if marker is None:
+        return pids
+    wanted = f"MODBOX_SANDBOX_ID={marker}".encode()
+    if _own_namespace(wanted):
+        return pids
+    own = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if wanted in f.read().split(b"\0"):
+                    own.append(pid)
+        except OSError:
+            continue
+    return own or [str(os.getpid())]
+
+
+_NAMESPACE: Dict[bytes, bool] = {}
+
+
+def _own_namespace(wanted: bytes) -> bool:
+    """Whether ``/proc`` is the sandbox's own pid namespace: its pid 1 (the jail's
+    init) carries the sandbox's id, where a host's init never does."""
+    if wanted not in _NAMESPACE:
+        environ = _read_bytes("/proc/1/environ")
+        _NAMESPACE[wanted] = environ is not None and wanted in environ.split(b"\0")
+    return _NAMESPACE[wanted]
+
+
+def _read_bytes(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _cgroup_file(controller: str, name: str) -> Optional[str]:
+    """``name`` in this process's own cgroup (``controller`` of v1, or "" for the v2
+    hierarchy), when that is visible here (a jail shows no ``/sys``)."""
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controller == "" and controllers == "":
+            bases = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        elif controller and controller in controllers.split(","):
+            bases = [f"/sys/fs/cgroup/{controllers}", f"/sys/fs/cgroup/{controller}"]
+        else:
+            continue
+        for base in bases:
+            candidate = os.path.join(base + path, name)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def _cgroup_number(*places: Tuple[str, str]) -> Optional[int]:
+    for controller, name in places:
+        path = _cgroup_file(controller, name)
+        text = (_read(path) or "").strip() if path else ""
+        if text.isdigit():
+            return int(text)
+    return None
 
 
 def memory_in_use() -> Tuple[int, str]:
     """Bytes in use by the sandbox, and where the figure comes from."""
-    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
-        text = _read(path)
-        if text and text.strip().isdigit():
-            return int(text), "cgroup"
+    used = _cgroup_number(("", "memory.current"), ("memory", "memory.usage_in_bytes"))
+    if used is not None:
+        return used, "cgroup"
     total = 0
     for pid in _pids():
         fields = (_read(f"/proc/{pid}/statm") or "").split()
@@ -66,10 +132,9 @@ def memory_limit() -> Optional[int]:
     """The sandbox's memory limit in bytes: its cgroup's, else the one the local service
     names (``MODBOX_MEMORY_LIMIT``, when the jail cannot see its cgroup), else the
     address-space limit, else the machine's memory."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        text = (_read(path) or "").strip()
-        if text.isdigit() and int(text) < _NO_LIMIT:
-            return int(text)
+    limit = _cgroup_number(("", "memory.max"), ("memory", "memory.limit_in_bytes"))
+    if limit is not None and limit < _NO_LIMIT:
+        return limit
     named = os.environ.get("MODBOX_MEMORY_LIMIT", "")
     if named.isdigit():
         return int(named)
@@ -85,14 +150,13 @@ def memory_limit() -> Optional[int]:
 def cpu_seconds() -> float:
     """CPU time the sandbox has used: its cgroup's, else the sum over its processes
     (each one's own time plus that of its children that have ended)."""
-    stat = _read("/sys/fs/cgroup/cpu.stat")
-    if stat:
-        for line in stat.splitlines():
-            if line.startswith("usage_usec "):
-                return int(line.split()[1]) / 1e6
-    text = (_read("/sys/fs/cgroup/cpuacct/cpuacct.usage") or "").strip()
-    if text.isdigit():
-        return int(text) / 1e9
+    path = _cgroup_file("", "cpu.stat")
+    for line in (_read(path) or "").splitlines() if path else []:
+        if line.startswith("usage_usec "):
+            return int(line.split()[1]) / 1e6
+    nanoseconds = _cgroup_number(("cpuacct", "cpuacct.usage"))
+    if nanoseconds is not None:
+        return nanoseconds / 1e9
     total = 0
     for pid in _pids():
         raw = _read(f"/proc/{pid}/stat")
