@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .agent.inside import protocol as names
+from .agent.inside.naming import HASH_SEED
 from .errors import ModboxError
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 EVENTS_WAIT = 30.0
 #: After a failed poll, wait this long before the next.
 RETRY_DELAY = 0.5
+#: How long a debug request waits for a sandbox still starting. Control requests are
+#: handled one at a time, so a longer wait would hold back interrupts and shutdown.
+NOT_READY_WAIT = 2.0
 #: The sandbox variable that makes the agent act as if debugpy were missing.
 DISABLE_ENV = "MODBOX_AGENT_NO_DEBUGGER"
 
@@ -51,6 +55,32 @@ def failure(request: Mapping[str, Any], message: str) -> dict[str, Any]:
         "command": request.get("command"),
         "success": False,
         "message": message,
+    }
+
+
+def not_started(request: Mapping[str, Any]) -> dict[str, Any]:
+    """``debugInfo`` before the sandbox exists: nothing started, nothing set. The cell
+    file names are the sandbox's, so the frontend asks again when it starts debugging."""
+    seq = request.get("seq", 0)
+    body = {
+        "isStarted": False,
+        "hashMethod": "Murmur2",
+        "hashSeed": HASH_SEED,
+        "tmpFilePrefix": "/tmp/ipykernel_0/",
+        "tmpFileSuffix": ".py",
+        "breakpoints": [],
+        "stoppedThreads": [],
+        "richRendering": True,
+        "exceptionPaths": ["Python Exceptions"],
+        "copyToGlobals": True,
+    }
+    return {
+        "type": "response",
+        "seq": seq,
+        "request_seq": seq,
+        "command": request.get("command"),
+        "success": True,
+        "body": body,
     }
 
 
@@ -98,6 +128,15 @@ class DebugRelay:
         if self._problems:
             text = "; ".join(self._problems)
             return failure(content, f"Modbox Python cannot start a sandbox: {text}")
+        if not self._session.ready:
+            # Never provisions (the kernel's start did) and never waits long: JupyterLab
+            # asks debugInfo as soon as it connects, maybe while the sandbox waits in line.
+            try:
+                await asyncio.wait_for(self._session.wait_for_sandbox(), NOT_READY_WAIT)
+            except asyncio.TimeoutError:
+                if command == "debugInfo":
+                    return not_started(content)
+                return failure(content, "The sandbox is still starting; debug once it runs.")
         try:
             reply = await self._session.query(names.OP_DEBUG, request=dict(content))
         except ModboxError as exc:

@@ -28,7 +28,11 @@ from kernel_helpers import (
     only_modbox,
     run_cell,
     running_kernel,
+    service_env,
+    start_kernel,
+    stop_kernel,
 )
+from service_helpers import running_local_service
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
@@ -291,3 +295,28 @@ def test_usage_and_cell_figures_come_from_the_sandbox(modbox: Any) -> None:
     assert 0.8 <= figures["cpu_seconds"] <= 1.5, figures
     assert usage(kc)["kernel_cpu"] > 0
     run_cell(kc, "del held")
+
+
+@only_modbox("the stock kernel has no sandbox to wait for")
+def test_debug_requests_never_hold_the_control_channel_while_the_sandbox_waits(
+    tmp_path: Path,
+) -> None:
+    # A full service: the kernel's sandbox waits in line. JupyterLab asks debugInfo as
+    # it connects; the answer must come at once, and an interrupt right behind it too.
+    log = tmp_path / "service.log"
+    with running_local_service(log, "--max-sandboxes", "1") as service:
+        with service.client() as control:
+            assert control.post("/sandboxes", json={}).status_code == 200
+        km, kc = start_kernel(KERNEL_NAME, service_env(service.base_url, service.token))
+        try:
+            t0 = time.monotonic()
+            info = debug(kc, "debugInfo")
+            assert info["success"] and info["body"]["isStarted"] is False, info
+            refused = debug(kc, "initialize", INITIALIZE)
+            assert refused["success"] is False and "still starting" in refused["message"]
+            msg = kc.session.msg("interrupt_request", {})
+            kc.control_channel.send(msg)
+            assert kc.control_channel.get_msg(timeout=10)["msg_type"] == "interrupt_reply"
+            assert time.monotonic() - t0 < 8
+        finally:
+            stop_kernel(km, kc)
