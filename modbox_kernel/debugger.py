@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .agent.inside import protocol as names
-from .agent.inside.naming import HASH_SEED
+from .agent.inside.dapclient import debug_info, failed
 from .errors import ModboxError
 
 if TYPE_CHECKING:
@@ -45,43 +45,12 @@ NOT_READY_WAIT = 2.0
 DISABLE_ENV = "MODBOX_AGENT_NO_DEBUGGER"
 
 
-def failure(request: Mapping[str, Any], message: str) -> dict[str, Any]:
-    """A DAP error response to ``request``, for what fails before the sandbox answers."""
-    seq = request.get("seq", 0)
-    return {
-        "type": "response",
-        "seq": seq,
-        "request_seq": seq,
-        "command": request.get("command"),
-        "success": False,
-        "message": message,
-    }
-
-
 def not_started(request: Mapping[str, Any]) -> dict[str, Any]:
     """``debugInfo`` before the sandbox exists: nothing started, nothing set. The cell
     file names are the sandbox's, so the frontend asks again when it starts debugging."""
-    seq = request.get("seq", 0)
-    body = {
-        "isStarted": False,
-        "hashMethod": "Murmur2",
-        "hashSeed": HASH_SEED,
-        "tmpFilePrefix": "/tmp/ipykernel_0/",
-        "tmpFileSuffix": ".py",
-        "breakpoints": [],
-        "stoppedThreads": [],
-        "richRendering": True,
-        "exceptionPaths": ["Python Exceptions"],
-        "copyToGlobals": True,
-    }
-    return {
-        "type": "response",
-        "seq": seq,
-        "request_seq": seq,
-        "command": request.get("command"),
-        "success": True,
-        "body": body,
-    }
+    return debug_info(
+        request, started=False, cell_prefix="/tmp/ipykernel_0/", breakpoints={}, stopped=()
+    )
 
 
 def predicted_available(embedded: bool, sandbox_env: Mapping[str, str]) -> bool:
@@ -124,10 +93,10 @@ class DebugRelay:
         """Answer one ``debug_request``'s content with the ``debug_reply``'s content."""
         command = content.get("command")
         if not isinstance(command, str):
-            return failure(content, "a debug request needs a 'command'")
+            return failed(content, "a debug request needs a 'command'")
         if self._problems:
             text = "; ".join(self._problems)
-            return failure(content, f"Modbox Python cannot start a sandbox: {text}")
+            return failed(content, f"Modbox Python cannot start a sandbox: {text}")
         if not self._session.ready:
             # Never provisions (the kernel's start did) and never waits long: JupyterLab
             # asks debugInfo as soon as it connects, maybe while the sandbox waits in line.
@@ -136,13 +105,13 @@ class DebugRelay:
             except asyncio.TimeoutError:
                 if command == "debugInfo":
                     return not_started(content)
-                return failure(content, "The sandbox is still starting; debug once it runs.")
+                return failed(content, "The sandbox is still starting; debug once it runs.")
         try:
             reply = await self._session.query(names.OP_DEBUG, request=dict(content))
         except ModboxError as exc:
-            return failure(content, f"The debugger could not reach the sandbox: {exc}")
+            return failed(content, f"The debugger could not reach the sandbox: {exc}")
         if not reply:  # an agent that does not know the op
-            return failure(content, "this sandbox's agent has no debugger")
+            return failed(content, "this sandbox's agent has no debugger")
         if command in ("initialize", "attach") and reply.get("success"):
             self._start_listening()
         elif command == "disconnect":
@@ -185,13 +154,8 @@ class DebugRelay:
             elif answer.get("epoch") != epoch:
                 log.info("the sandbox's agent was replaced; its debugger is gone")
                 return
-            for event in answer.get("events", []):
-                seq = int(event.get("seq", since))
-                if seq < since:
-                    continue
-                since = seq + 1
-                if event.get("type") == names.EV_DEBUG_EVENT and isinstance(
-                    event.get("content"), dict
-                ):
-                    self._publish(event["content"])
-            since = max(since, int(answer.get("next", since)))
+            events, since = protocol.unseen_events(answer, since)
+            for event in events:
+                content = event.get("content")
+                if event.get("type") == names.EV_DEBUG_EVENT and isinstance(content, dict):
+                    self._publish(content)

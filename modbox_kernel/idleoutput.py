@@ -92,11 +92,7 @@ class IdleOutput:
                     continue
                 epoch = answer.get("epoch")
             relay = self._relay()
-            for event in answer.get("events", []):
-                seq = int(event.get("seq", since))
-                if seq < since:
-                    continue
-                since = seq + 1
+            events, since = protocol.unseen_events(answer, since)
+            for event in events:
                 await relay.event(event)
             relay.flush()
-            since = max(since, int(answer.get("next", since)))

@@ -219,7 +219,7 @@ class ModboxKernel(KernelSettings, ControlRequests):
             store_history=False,
             execution_count=self.execution_count,
             output_limit=max(0, self.output_limit),
-            parent_header=_header_of(parent),
+            parent_header=protocol.header_of(parent),
             comm={
                 "msg_type": parent["header"]["msg_type"],
                 "content": dict(parent.get("content") or {}),
@@ -295,7 +295,7 @@ class ModboxKernel(KernelSettings, ControlRequests):
             allow_stdin=allow_stdin,
             execution_count=self.execution_count,
             output_limit=max(0, self.output_limit),
-            parent_header=_header_of(self.get_parent("shell")),
+            parent_header=protocol.header_of(self.get_parent("shell")),
         )
         await self.comms.drained()  # comm messages sent before this cell go first
         relay = self._relay(silent)
@@ -486,12 +486,6 @@ class ModboxKernel(KernelSettings, ControlRequests):
         if not self._shutdown_done.is_set():
             with contextlib.suppress(Exception):
                 self.sandbox.close_blocking()
-
-
-def _header_of(message: Any) -> dict[str, Any]:
-    """The parts of a request's header the sandbox may see (no signature, no date)."""
-    header = message.get("header", {}) if isinstance(message, dict) else {}
-    return {k: str(header[k]) for k in ("msg_id", "msg_type", "session") if k in header}
 
 
 def _working_directory() -> str | None:

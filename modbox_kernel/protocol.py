@@ -70,6 +70,13 @@ class CellRequest:
     comm: dict[str, Any] | None = None
 
 
+def header_of(message: Any) -> dict[str, Any]:
+    """The parts of a Jupyter request's header the sandbox may see (``parent_header``:
+    no signature, no date)."""
+    header = message.get("header", {}) if isinstance(message, dict) else {}
+    return {k: str(header[k]) for k in ("msg_id", "msg_type", "session") if k in header}
+
+
 def execute_request(cell: CellRequest, *, wait: float, since: int = 0) -> dict[str, Any]:
     """Submit ``cell``; the answer waits up to ``wait`` s for it to finish."""
     payload: dict[str, Any] = {
@@ -124,6 +131,19 @@ def background_request(*, since: int, wait: float) -> dict[str, Any]:
 def debug_events_request(*, since: int, wait: float) -> dict[str, Any]:
     """debugpy's events in the sandbox from event ``since`` on (the debugger's log)."""
     return {"op": names.OP_DEBUG_EVENTS, "since": since, "wait": wait}
+
+
+def unseen_events(answer: dict[str, Any], since: int) -> tuple[list[dict[str, Any]], int]:
+    """The events of a cursor answer (``poll``, ``background``, ``debug_events``) from
+    ``since`` on, and the cursor after them: a resent request repeats events, and those
+    already relayed are left out."""
+    fresh = []
+    for event in answer.get("events", []):
+        seq = int(event.get("seq", since))
+        if seq >= since:
+            fresh.append(event)
+            since = seq + 1
+    return fresh, max(since, int(answer.get("next", since)))
 
 
 def interrupt_request(cell_id: str) -> dict[str, Any]:

@@ -4,6 +4,8 @@
 requests on server threads; a reader thread of its own (marked as the debugger's, so a
 breakpoint never stops it) hands responses to their waiters and events to
 ``on_event``. Frames are ``Content-Length: N\\r\\n\\r\\n`` plus N bytes of JSON.
+:func:`response` and :func:`debug_info` shape the answers made without debugpy (the
+kernel's ``debugger`` uses them too, before a sandbox exists).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import logging
 import socket
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+from .naming import HASH_SEED
 
 log = logging.getLogger("modbox.agent")
 
@@ -32,17 +36,49 @@ def untraced(thread: threading.Thread) -> threading.Thread:
     return thread
 
 
-def failed(request: Dict[str, Any], message: str) -> Dict[str, Any]:
-    """A DAP error response to ``request`` made by the agent, not by debugpy."""
-    seq = request.get("seq", 0)
-    return {
+def response(request: Mapping[str, Any], success: bool = True, **fields: Any) -> Dict[str, Any]:
+    """A DAP response to ``request`` made here (or by the kernel), not by debugpy."""
+    reply = {
         "type": "response",
-        "seq": seq,
-        "request_seq": seq,
+        "seq": request.get("seq", 0),
+        "request_seq": request.get("seq", 0),
         "command": request.get("command"),
-        "success": False,
-        "message": message,
+        "success": success,
     }
+    reply.update(fields)
+    return reply
+
+
+def failed(request: Mapping[str, Any], message: str) -> Dict[str, Any]:
+    """A DAP error response to ``request`` with ``message``."""
+    return response(request, False, message=message)
+
+
+def debug_info(
+    request: Mapping[str, Any],
+    *,
+    started: bool,
+    cell_prefix: str,
+    breakpoints: Mapping[str, List[Dict[str, Any]]],
+    stopped: Iterable[int],
+) -> Dict[str, Any]:
+    """Jupyter's ``debugInfo`` answer (ipykernel's fields): how cells are named (the
+    agent's ``naming``), what is set and what is stopped."""
+    body = {
+        "isStarted": started,
+        "hashMethod": "Murmur2",
+        "hashSeed": HASH_SEED,
+        "tmpFilePrefix": cell_prefix,
+        "tmpFileSuffix": ".py",
+        "breakpoints": [
+            {"source": path, "breakpoints": points} for path, points in breakpoints.items()
+        ],
+        "stoppedThreads": sorted(set(stopped)),
+        "richRendering": True,
+        "exceptionPaths": ["Python Exceptions"],
+        "copyToGlobals": True,
+    }
+    return response(request, body=body)
 
 
 class DapConnection:

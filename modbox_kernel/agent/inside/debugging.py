@@ -24,7 +24,6 @@ import ast
 import importlib.util
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -33,8 +32,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
 
 from . import location
 from .cells import background_log, trim_background
-from .dapclient import DapConnection, untraced
-from .naming import HASH_SEED, cell_file_name, cell_folder
+from .dapclient import DapConnection, debug_info, response, untraced
+from .debugvars import accept_variable, namespace_variables
+from .naming import cell_file_name, cell_folder
 
 if TYPE_CHECKING:
     from .core import Agent
@@ -49,12 +49,6 @@ DISABLE_ENV = "MODBOX_AGENT_NO_DEBUGGER"
 INTERRUPT_SECONDS = 5.0
 INTERRUPT_RETRY_SECONDS = 0.02
 
-#: Names the variable views leave out, as the stock kernel does.
-_HIDDEN_NAMES = frozenset(
-    "__name__ __doc__ __package__ __loader__ __spec__ __annotations__ __builtins__ "
-    "__builtin__ __display__ get_ipython debugpy exit quit In Out _oh _dh _ __ ___".split()
-)
-
 
 def unavailable_reason(runner_mode: str) -> Optional[str]:
     """Why this sandbox cannot debug, or None when it can (``info`` reports it)."""
@@ -68,23 +62,6 @@ def unavailable_reason(runner_mode: str) -> Optional[str]:
     except (ImportError, ValueError) as exc:
         return f"debugpy cannot be imported in the sandbox: {exc}"
     return None
-
-
-def accept_variable(name: str) -> bool:
-    return not (name in _HIDDEN_NAMES or re.match(r"^_\d", name) is not None or name[:2] == "_i")
-
-
-def response(request: Dict[str, Any], success: bool = True, **fields: Any) -> Dict[str, Any]:
-    """A DAP response to ``request`` made here, not by debugpy."""
-    reply = {
-        "type": "response",
-        "seq": request.get("seq", 0),
-        "request_seq": request.get("seq", 0),
-        "command": request.get("command"),
-        "success": success,
-    }
-    reply.update(fields)
-    return reply
 
 
 class Debugger:
@@ -298,29 +275,18 @@ class Debugger:
 
     # -- requests answered here, debugger started or not (ipykernel's "static" ones)
     def _static_debugInfo(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        return response(
+        return debug_info(
             request,
-            body={
-                "isStarted": self.started,
-                "hashMethod": "Murmur2",
-                "hashSeed": HASH_SEED,
-                "tmpFilePrefix": cell_folder() + os.sep,
-                "tmpFileSuffix": ".py",
-                "breakpoints": [
-                    {"source": path, "breakpoints": points}
-                    for path, points in self.breakpoints.items()
-                ],
-                "stoppedThreads": sorted(set(self.stopped_threads)),
-                "richRendering": True,
-                "exceptionPaths": ["Python Exceptions"],
-                "copyToGlobals": True,
-            },
+            started=self.started,
+            cell_prefix=cell_folder() + os.sep,
+            breakpoints=self.breakpoints,
+            stopped=self.stopped_threads,
         )
 
     def _static_inspectVariables(self, request: Dict[str, Any]) -> Dict[str, Any]:
         # On this thread, as the stock kernel answers it on its control thread: the
         # main thread may be running a cell, or be stopped at a breakpoint.
-        variables = _namespace_variables()
+        variables = namespace_variables()
         return response(request, body={"variables": variables})
 
     def _static_richInspectVariables(self, request: Dict[str, Any]) -> Dict[str, Any]:
@@ -452,46 +418,10 @@ class Debugger:
         return response(request)
 
 
-def _namespace_variables() -> List[Dict[str, Any]]:
-    """The notebook's globals as DAP variables, formatted by pydevd as the
-    stock kernel's ``inspectVariables`` does, so nested values can be expanded."""
-    # Puts pydevd's bundle on sys.path, so it must come first.
-    importlib.import_module("debugpy.server.api")
-    from _pydevd_bundle import pydevd_frame_utils
-    from _pydevd_bundle.pydevd_api import PyDevdAPI
-    from _pydevd_bundle.pydevd_suspended_frames import (
-        SuspendedFramesManager,
-        _FramesTracker,
-    )
-    from IPython import get_ipython
-
-    class _Code:
-        co_filename = cell_file_name("sys._getframe()")
-        co_name = "<module>"
-
-    class _Frame:
-        def __init__(self, namespace: Dict[str, Any]) -> None:
-            self.f_code = _Code()
-            self.f_globals = self.f_locals = namespace
-            self.f_back = None
-
-    class _PyDB:
-        variable_presentation = PyDevdAPI.VariablePresentation()
-
-    manager = SuspendedFramesManager()
-    tracker = _FramesTracker(manager, _PyDB())
-    frame = _Frame(get_ipython().user_ns)
-    tracker.track("thread1", pydevd_frame_utils.create_frames_list_from_frame(frame))
-    try:
-        children = manager.get_variable(id(frame)).get_children_variables()
-        return [v for v in (c.get_var_data() for c in children) if accept_variable(v["name"])]
-    finally:
-        tracker.untrack_all()
-
-
 def _children() -> Set[int]:
     """The pids of this process's children (from /proc)."""
-    me, found = os.getpid(), set[int]()
+    me = os.getpid()
+    found: Set[int] = set()
     try:
         names = [n for n in os.listdir("/proc") if n.isdigit()]
     except OSError:

@@ -94,7 +94,12 @@ class Requests:
 
     def op_background(self, req: Dict[str, Any]) -> Dict[str, Any]:
         """Events produced while no cell ran, from ``since`` (waits up to ``wait`` s)."""
-        answer = self._collect(self.agent.background, req, until_done=False)
+        return self._read_log(self.agent.background, req)
+
+    def _read_log(self, log: Cell, req: Dict[str, Any]) -> Dict[str, Any]:
+        """A cursor answer on a log that never finishes, with the agent's ``epoch``
+        (which tells a replaced agent, numbering from 0 again, apart)."""
+        answer = self._collect(log, req, until_done=False)
         answer["epoch"] = self.agent.epoch
         return answer
 
@@ -107,9 +112,7 @@ class Requests:
 
     def op_debug_events(self, req: Dict[str, Any]) -> Dict[str, Any]:
         """debugpy's events from ``since`` (waits up to ``wait`` s), as ``background``."""
-        answer = self._collect(self.agent.debugger.log, req, until_done=False)
-        answer["epoch"] = self.agent.epoch
-        return answer
+        return self._read_log(self.agent.debugger.log, req)
 
     def _forget_old_cells(self) -> None:
         cells = self.agent.cells

@@ -13,6 +13,7 @@ looks once a second whether a cell runs (so a quick cell wakes no thread at all)
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import threading
@@ -65,16 +66,12 @@ def _pids() -> List[str]:
     return own or [str(os.getpid())]
 
 
-_NAMESPACE: Dict[bytes, bool] = {}
-
-
+@functools.lru_cache(maxsize=64)
 def _own_namespace(wanted: bytes) -> bool:
     """Whether ``/proc`` is the sandbox's own pid namespace: its pid 1 (the jail's
     init) carries the sandbox's id, where a host's init never does."""
-    if wanted not in _NAMESPACE:
-        environ = _read_bytes("/proc/1/environ")
-        _NAMESPACE[wanted] = environ is not None and wanted in environ.split(b"\0")
-    return _NAMESPACE[wanted]
+    environ = _read_bytes("/proc/1/environ")
+    return environ is not None and wanted in environ.split(b"\0")
 
 
 def _read_bytes(path: str) -> Optional[bytes]:
@@ -85,9 +82,11 @@ def _read_bytes(path: str) -> Optional[bytes]:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def _cgroup_file(controller: str, name: str) -> Optional[str]:
     """``name`` in this process's own cgroup (``controller`` of v1, or "" for the v2
-    hierarchy), when that is visible here (a jail shows no ``/sys``)."""
+    hierarchy), when that is visible here (a jail shows no ``/sys``). Looked up once:
+    every cell's end reads memory, and a process keeps its cgroup."""
     for line in (_read("/proc/self/cgroup") or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
@@ -170,7 +169,8 @@ def cpu_seconds() -> float:
 
 def cpu_count() -> float:
     """CPUs the sandbox may use: its cgroup quota, else its affinity mask."""
-    text = (_read("/sys/fs/cgroup/cpu.max") or "").split()
+    path = _cgroup_file("", "cpu.max")
+    text = (_read(path) or "").split() if path else []
     if len(text) == 2 and text[0].isdigit():
         return round(int(text[0]) / int(text[1]), 2)
     try:
