@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -549,6 +551,80 @@ def test_20_links_planted_for_the_teardown_touch_nothing_on_the_host(
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     assert (target / "keep.txt").read_text() == "keep"
     assert oct(target.stat().st_mode & 0o777) == "0o700" and target.stat().st_uid == os.getuid()
+
+
+# A fake agent for case 45: it listens on st/agent.sock in the sandbox, records every
+# line it gets and answers each with one line of its own.
+_FAKE_AGENT = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind("st/agent.sock")
+s.listen()
+if os.fork():
+    sys.exit(0)
+os.setsid()
+for fd in (0, 1, 2):
+    os.close(fd)
+while True:
+    c, _ = s.accept()
+    line = c.makefile("rb").readline()
+    with open("st/got", "ab") as f:
+        f.write(line)
+    c.sendall(b'{"ok": true, "fake": true}\\n')
+    c.close()
+"""
+
+
+def test_45_the_agent_route_follows_no_planted_link_to_a_socket_or_token(
+    hostile_service: LocalService, bystander: Tenant, victim: Tenant
+) -> None:
+    """The service connects to the agent's socket in the workspace itself: a symlink
+    there must never lead it to a host socket, nor a linked token file make it send a
+    file of the sandbox's choosing (it falls back to the supervisor, in the jail)."""
+    # Where the sandbox's user could reach it, so only the link check can refuse it.
+    host_dir = Path(tempfile.mkdtemp(prefix="modbox-host-socket-", dir="/tmp"))
+    host_dir.chmod(0o755)
+    host_socket = host_dir / "host.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(host_socket))
+    listener.listen()
+    if os.geteuid() == 0:
+        os.chown(host_socket, SANDBOX_UID, SANDBOX_UID)
+    listener.settimeout(0.5)
+    url = victim.sandbox.exec_url.rsplit("/", 1)[0] + "/agent"
+    request = "e30="  # {}
+
+    def ask() -> httpx.Response:
+        return victim.sandbox.http.post(
+            url, json={"state_dir": "/workspace/st", "request": request}
+        )
+
+    try:
+        setup = victim.sandbox.exec(
+            f"mkdir st && ln -s {host_socket} st/agent.sock && echo t > st/token"
+        )
+        assert setup["exitCode"] == 0, setup
+        refused = ask()
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "agent_unreachable"
+        with pytest.raises(TimeoutError):
+            listener.accept()  # the host's socket was never reached
+        # A real socket of the sandbox's, but the token file a link: nothing is sent.
+        victim.sandbox.exec("rm -rf st && mkdir st && ln -s /etc/hostname st/token")
+        started = victim.sandbox.exec(_py(_FAKE_AGENT))
+        assert started["exitCode"] == 0, started
+        assert ask().status_code == 409
+        assert victim.sandbox.exec("cat st/got 2>/dev/null; echo end")["stdout"] == "end\n"
+        # With a token file of its own, the line goes to that socket and back as is.
+        victim.sandbox.exec("rm st/token && echo own-token > st/token")
+        answered = ask()
+        assert answered.status_code == 200, answered.text
+        assert answered.json() == {"ok": True, "fake": True}
+        assert victim.sandbox.exec("cat st/got")["stdout"] == f"own-token {request}\n"
+    finally:
+        listener.close()
+        shutil.rmtree(host_dir)
+    assert_back_to_baseline(hostile_service, bystander, victim)
 
 
 # ---------------------------------------------------------- network (23, 24, 39)

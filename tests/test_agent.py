@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -236,6 +237,29 @@ def test_start_reports_itself_and_writes_private_files(fresh: AgentUnderTest) ->
     assert int((state / "port").read_text()) == info["port"]
     reply = fresh.request(protocol.query("info"))["reply"]
     assert reply["pid"] == info["pid"] and reply["port"] == info["port"]
+    # The same requests on the state directory's socket (the local service's way in).
+    sock = state / "agent.sock"
+    assert stat.S_ISSOCK(sock.lstat().st_mode) and stat.S_IMODE(sock.lstat().st_mode) == 0o600
+    assert [p.name for p in state.iterdir() if p.name.startswith(".agent.sock")] == []
+    token = (state / "token").read_text().strip()
+    assert _ask_socket(sock, f"{token} {encode_request(protocol.query('info'))}")["reply"][
+        "pid"
+    ] == info["pid"]
+    assert _ask_socket(sock, f"wrong {encode_request(protocol.query('info'))}") == {
+        "ok": False,
+        "error": "bad token",
+    }
+
+
+def _ask_socket(path: Path, line: str) -> Any:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(line.encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return json.loads(data)
 
 
 def test_start_again_replaces_the_running_agent(fresh: AgentUnderTest) -> None:
@@ -295,6 +319,7 @@ def test_shutdown_ends_the_process_and_removes_its_files(tmp_path: Path) -> None
         assert _wait_gone(pid, kill=False)
         assert not Path(agent.state_dir, "port").exists()
         assert not Path(agent.state_dir, "token").exists()
+        assert not Path(agent.state_dir, "agent.sock").exists()
     finally:
         agent.stop()
 

@@ -15,7 +15,8 @@ holds a sandbox's record; ``admission`` caps creates and ``waitline`` orders tho
 waiting at capacity; ``usage`` books what each owner used; ``pool`` keeps sandboxes
 ready with the kernel's agent started) →
 ``jailprocess`` (one jail, framed channel) → ``supervisor`` (inside the jail; it also
-relays the ``agent`` route's requests). ``jail`` builds the argv with ``launcher``
+relays the ``agent`` route's requests to an agent without a socket, which
+``agentsocket`` otherwise reaches directly). ``jail`` builds the argv with ``launcher``
 (cgroups, privilege drop) and ``seccomp`` (the filter), ``files`` does symlink-proof
 workspace I/O, ``procscan`` finds stray processes, ``orphans`` reaps what bwrap leaves
 behind, ``shapes`` holds the SDK's JSON shapes.

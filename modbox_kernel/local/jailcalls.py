@@ -10,10 +10,14 @@ that hit a limit (``_end``, ``_end_if_oom``), declared here.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
+from . import agentsocket
 from .config import ServiceConfig
 from .envelope import ServiceError
+from .files import Workspace, split_path
+from .jail import Jail
 from .jailprocess import JailGone
 from .records import DESTROYED, PROVISIONING, Sandbox, gone, with_limit_event
 from .usage import UsageBook
@@ -28,6 +32,7 @@ class JailCalls:
 
     config: ServiceConfig
     usage: UsageBook
+    jail: Jail
 
     def _end(self, sandbox: Sandbox, reason: str) -> None:
         raise NotImplementedError
@@ -69,18 +74,43 @@ class JailCalls:
     ) -> dict[str, Any]:
         """Relay one request to the kernel agent in ``state_dir`` (the supervisor's
         ``agent`` op; ``routes_runtime`` turns the answer into the ``agent`` route's)."""
+        cap = 2 * self.config.limits.output_cap
+        answer = await self._ask_socket(sandbox, state_dir, body, timeout, cap)
+        if answer is not None:
+            return answer
         message = {
             "op": "agent",
             "state_dir": state_dir,
             "body": body,
             "timeout": timeout,
-            "cap": 2 * self.config.limits.output_cap,
+            "cap": cap,
         }
         return await self._ask_jail(sandbox, message, timeout)
 
-    async def _ask_jail(
-        self, sandbox: Sandbox, message: dict[str, Any], timeout: float, *, internal: bool = False
-    ) -> dict[str, Any]:
+    async def _ask_socket(
+        self, sandbox: Sandbox, state_dir: str, body: str, timeout: float, cap: int
+    ) -> dict[str, Any] | None:
+        """The request through the agent's own socket (``agentsocket``), or None when
+        there is none (then the supervisor relays it)."""
+        self._check_ready(sandbox)
+        assert sandbox.jail is not None
+        try:
+            parts = split_path(sandbox.workspace_path, state_dir)
+            root_fd = sandbox.jail.workspace_fd()
+        except (ServiceError, JailGone):
+            return None  # outside the workspace, or the jail is going: the old way says
+        try:
+            ws = Workspace(root_fd, sandbox.workspace_path, owner=self.jail.privilege.drop)
+            answer = await agentsocket.ask(ws, parts, body, timeout, cap)
+        except agentsocket.NoSocket:
+            return None
+        finally:
+            os.close(root_fd)
+        if self._end_if_oom(sandbox):
+            raise gone(sandbox)
+        return {"ok": True, **answer}
+
+    def _check_ready(self, sandbox: Sandbox, *, internal: bool = False) -> None:
         if sandbox.status == PROVISIONING and not internal:
             raise ServiceError(
                 409,
@@ -91,6 +121,12 @@ class JailCalls:
             )
         if sandbox.status == DESTROYED or sandbox.jail is None:
             raise gone(sandbox)
+
+    async def _ask_jail(
+        self, sandbox: Sandbox, message: dict[str, Any], timeout: float, *, internal: bool = False
+    ) -> dict[str, Any]:
+        self._check_ready(sandbox, internal=internal)
+        assert sandbox.jail is not None
         try:
             answer = await sandbox.jail.request(message, timeout + EXEC_BACKSTOP_S)
         except JailGone:

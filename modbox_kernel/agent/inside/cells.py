@@ -10,8 +10,10 @@ already holds can be freed.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import protocol
 from .protocol import truncation_notice
@@ -209,3 +211,54 @@ class Call:
             self.error = exc
         finally:
             self.finished.set()
+
+
+class WorkQueue:
+    """Cells and calls for the main thread's event loop, put there from any thread.
+
+    :meth:`put` wakes the loop itself (``call_soon_threadsafe``), so a cell's way from
+    the server thread that received it to the loop is one thread switch. (A thread
+    blocked on a ``queue.Queue`` that handed each item on to the loop made it two, on
+    every cell's path.) Items put before the loop exists wait for :meth:`bind`.
+    """
+
+    def __init__(self) -> None:
+        self._items: Deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._waiter: Optional[asyncio.Future[None]] = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve from ``loop`` (the main thread's, before the first :meth:`get`)."""
+        with self._lock:
+            self._loop = loop
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:
+                pass  # the loop is closed: the agent is exiting
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        """The next item, in the order they were put (on the bound loop only)."""
+        assert self._loop is not None
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+            # A put() from now on schedules _wake after this coroutine awaits (both run
+            # on this loop), so no wake-up is lost.
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None

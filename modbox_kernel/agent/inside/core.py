@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
 import os
-import queue
 import re
 import secrets
 import sys
@@ -25,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from . import comms
 from .capture import OutputCapture
-from .cells import Call, Cell, background_log, trim_background
+from .cells import Call, Cell, WorkQueue, background_log, trim_background
 from .dapclient import untraced
 from .debugging import Debugger, unavailable_reason
 from .fallback import FallbackRunner
@@ -55,7 +53,7 @@ class Agent:
         self.cond = threading.Condition()
         self.cells: collections.OrderedDict[str, Cell] = collections.OrderedDict()
         self.forgotten: set[str] = set()
-        self.work: queue.Queue[Any] = queue.Queue()
+        self.work = WorkQueue()
         self.current: Optional[Cell] = None
         # What threads, timers and comms produce while no cell runs: the kernel keeps
         # one poll waiting on it and publishes it as the stock kernel does (under the
@@ -85,7 +83,6 @@ class Agent:
         self.mode = "starting"
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self._sigint_task: Any = None
-        self._next_work: Optional[asyncio.Future[Any]] = None
         self.version = agent_version()
         self.ipython_version = _ipython_version_without_import()
         # The debugger (started by the first debug request) and the files it must not
@@ -240,28 +237,21 @@ class Agent:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self.loop = loop
-        # One thread blocks on the queue the server threads fill, for the loop.
-        waiter = concurrent.futures.ThreadPoolExecutor(
-            1,
-            thread_name_prefix="modbox-work",
-            initializer=lambda: untraced(threading.current_thread()) and None,
-        )
+        self.work.bind(loop)
+        serving: Optional[asyncio.Task[None]] = None
         while True:
+            # A SIGINT in the loop's own code leaves the serving task waiting for its
+            # next item: it goes on (a second one would take items in its place).
+            if serving is None or serving.done():
+                serving = loop.create_task(self._serve())
             try:
-                loop.run_until_complete(self._serve(loop, waiter))
+                loop.run_until_complete(serving)
             except BaseException:  # only a SIGINT in the loop's own code gets here
                 log.exception("the agent's work loop stopped; serving again")
 
-    async def _serve(
-        self, loop: asyncio.AbstractEventLoop, waiter: concurrent.futures.Executor
-    ) -> None:
+    async def _serve(self) -> None:
         while True:
-            # Kept across a restart of this coroutine: the waiting thread may already
-            # have taken the next item off the queue for it.
-            if self._next_work is None:
-                self._next_work = loop.run_in_executor(waiter, self.work.get)
-            item = await self._next_work
-            self._next_work = None
+            item = await self.work.get()
             if isinstance(item, Cell):
                 await self._run_cell(item)
             else:
@@ -286,7 +276,7 @@ class Agent:
             with self.cond:
                 cell.state = "running"
             self.current = cell
-        log.info("cell %s started (count %d)", cell.id, cell.execution_count)
+        log.debug("cell %s started (count %d)", cell.id, cell.execution_count)
         t0 = time.monotonic()
         measured = self.resources.cell_started() if cell.comm is None else None
         try:
@@ -336,7 +326,8 @@ class Agent:
             self.current = None
         if cell.comm is None:
             self.last_count = max(self.last_count, cell.execution_count)
-        log.info("cell %s finished: %s in %.3f s", cell.id, done["status"], time.monotonic() - t0)
+            runner.after_cell()
+        log.debug("cell %s finished: %s in %.3f s", cell.id, done["status"], time.monotonic() - t0)
 
     def call_on_main(self, fn: Callable[[], Any]) -> Any:
         call = Call(fn)

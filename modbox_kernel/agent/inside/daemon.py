@@ -17,16 +17,14 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from typing import Any, Dict, List, Optional
 
 from . import location
 from .core import Agent
-from .dapclient import untraced
 from .ops import Requests
-from .server import Server
+from .server import SOCKET_NAME, Server, UnixServer, serve_in_thread
 from .state import LOG_NAME, unlink_state_files, write_private
 
 #: How long ``start`` waits for the daemon to report that it listens.
@@ -84,14 +82,21 @@ def run_daemon(state_dir: str, ready_fd: int) -> None:
     agent.io.install()
     server = Server(agent, Requests(agent))
     agent.port = server.server_address[1]
-    untraced(
-        threading.Thread(target=server.serve_forever, name="modbox-server", daemon=True)
-    ).start()
+    serve_in_thread(server, "modbox-server")
+    unix_server: Optional[UnixServer] = None
+    try:
+        unix_server = UnixServer(agent, Requests(agent), os.path.join(state_dir, SOCKET_NAME))
+    except OSError as exc:  # the TCP server is enough; the service then uses it
+        log.warning("no socket in the state directory (%s); serving on TCP only", exc)
+    else:
+        serve_in_thread(unix_server, "modbox-server-unix")
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     write_private(os.path.join(state_dir, "token"), agent.token + "\n")
     write_private(os.path.join(state_dir, "port"), f"{agent.port}\n")
     write_private(os.path.join(state_dir, "pid"), f"{os.getpid()}\n")
+    if unix_server is not None:
+        unix_server.publish()
     log.info("agent %s listening on 127.0.0.1:%d (pid %d)", agent.version, agent.port, os.getpid())
     os.write(ready_fd, (json.dumps(agent.info()) + "\n").encode())
     os.close(ready_fd)

@@ -27,6 +27,9 @@ class Runner:
         stock kernel's is); by default synchronously, as :meth:`run`."""
         return self.run(cell)
 
+    def after_cell(self) -> None:
+        """Called on the main thread after each cell's ``done`` event is out."""
+
     def complete(self, code: str, cursor_pos: int, *, quick: bool = False) -> Dict[str, Any]:
         """Completions at ``cursor_pos``; ``quick``: only what needs no slow warm-up."""
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""The files in the state directory: ``port``, ``token`` and ``pid`` (and ``agent.log``).
+"""The files in the state directory: ``port``, ``token``, ``pid`` and the socket
+``agent.sock`` (and ``agent.log``).
 
 ``daemon`` writes them once the agent listens; the kernel's bash line reads ``port`` and
 ``token`` for every request; ``core.Agent.exit_now`` and a restarting ``start`` remove
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-STATE_FILES = ("port", "token", "pid")
+STATE_FILES = ("port", "token", "pid", "agent.sock")
 LOG_NAME = "agent.log"
 
 
