@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import selectors
 import socket
 import subprocess
 import sys
@@ -96,4 +97,8 @@ async def _main(fd: int, upstream: int, delay: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
+    # select(2) takes its timeout in microseconds, epoll(7) in milliseconds: on an epoll
+    # loop every delayed write would wait up to 1 ms longer than asked, in each
+    # direction, and the stand-in network's RTT would be too long by up to 2 ms.
+    loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
+    loop.run_until_complete(_main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))

@@ -29,10 +29,13 @@ STREAM_FLUSH_INTERVAL = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
 # The least time between the last comm message of a request and its reply. Under
 # ipykernel a cell's widget messages go out while it runs and its reply only after it
-# has finished; ours arrive in one burst with the reply. A client that answers a comm
-# message on the shell socket while the reply is arriving there (nbclient syncing an
-# Output widget) can miss that reply until its timeout; this gap keeps the two apart.
-COMM_REPLY_GAP = 0.02
+# has finished (about a millisecond later for a quick cell); ours arrive in one burst
+# with the reply. A client that answers a comm message on the shell socket while the
+# reply is arriving there (nbclient syncing an Output widget) can miss that reply
+# until its timeout; this gap keeps the two apart. Measured with
+# ``notebooks/output_widget.ipynb``: no gap stalled nbclient in 2 of 15 runs, 1 ms in
+# none of 30, 5 ms in none of 40; each cell with widget output waits this long.
+COMM_REPLY_GAP = 0.005
 # Slack above the output limit before this guard cuts: the agent cuts at the limit and
 # adds the notice, and the notice must not be cut again here.
 GUARD_SLACK = 64 * 1024

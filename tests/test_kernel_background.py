@@ -165,17 +165,7 @@ def test_no_print_is_split_across_outputs(both: dict[str, Kernel]) -> None:
         assert [t for t in texts if not t.endswith("\n")] == [], name
 
 
-OUTPUT_WIDGET_CELLS = [
-    "import ipywidgets as widgets\nout = widgets.Output(layout={'border': '1px solid black'})\nout",
-    "with out:\n    for i in range(10):\n        print(i, 'Hello world!')",
-    "@out.capture()\ndef captured():\n    print('This goes into the output widget')\n"
-    "    raise Exception('As does this')\n\ncaptured()",
-    "out.clear_output()",
-    "button = widgets.Button(description='Click')\noutput = widgets.Output()\n"
-    "def on_click(b):\n    with output:\n        print('clicked')\n"
-    "button.on_click(on_click)\ndisplay(button, output)",
-    "on_click(button)\nprint('after')",
-]
+OUTPUT_WIDGET_NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "output_widget.ipynb"
 
 
 def test_nbclient_runs_the_output_widget_pattern_without_stalling(
@@ -185,8 +175,7 @@ def test_nbclient_runs_the_output_widget_pattern_without_stalling(
     timeout: nbclient answers the widget's messages on the shell socket while it waits
     for the cell's reply. A cell that stalls waits out a timeout (4 s for IOPub, 10 s
     for the reply); python3 needs milliseconds per cell."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(code) for code in OUTPUT_WIDGET_CELLS]
+    nb = nbformat.read(OUTPUT_WIDGET_NOTEBOOK, as_version=4)
     slowest: dict[str, float] = {}
     # A stall depends on timing: three runs under the kernel under test, so that one
     # that stalls now and then cannot pass by luck.
@@ -220,7 +209,7 @@ def test_nbclient_runs_the_output_widget_pattern_without_stalling(
             on_cell_executed=on_done,
         )
         client.execute(env=dict(env))
-        assert len(times) == len(OUTPUT_WIDGET_CELLS)
+        assert len(times) == len(nb.cells) == 6
         # The first cell of modbox waits for its sandbox.
         slowest[name] = max(slowest.get(name, 0.0), *times[1:])
     assert slowest[KERNEL_NAME] < 2.0, slowest
