@@ -106,8 +106,12 @@ class JailCalls:
             return None
         finally:
             os.close(root_fd)
-        if self._end_if_oom(sandbox):
-            raise gone(sandbox)
+        # The agent can outlive its jail for a moment: a cell's kill(-1) spares its own
+        # process and kills the supervisor, which ends the sandbox. A SIGKILL sent
+        # before this answer was written is pending there by now, so the supervisor
+        # answers this ping only if it lives (and the cell then reports the loss,
+        # as it did when the supervisor relayed every request).
+        await self._ask_jail(sandbox, {"op": "ping"}, timeout)
         return {"ok": True, **answer}
 
     def _check_ready(self, sandbox: Sandbox, *, internal: bool = False) -> None:
