@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-wan bench-classroom bytecode clean
+.PHONY: demo test lint bench bench-wan bench-notebook bench-classroom bytecode clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: bytecode
 # A shared service behind a delay proxy at RTT 0, 40 and 100 ms: a few minutes.
 bench-wan: bytecode
 	$(BIN)/python bench/bench_wan.py
+
+# A notebook through nbclient under both kernels, interleaved (under a minute).
+bench-notebook: bytecode
+	$(BIN)/python bench/bench_notebook.py
 
 # 40 kernels of each kind on this host: minutes of CPU, so not part of `make bench`.
 bench-classroom: bytecode

@@ -33,9 +33,9 @@ STREAM_FLUSH_BYTES = 64 * 1024
 # with the reply. A client that answers a comm message on the shell socket while the
 # reply is arriving there (nbclient syncing an Output widget) can miss that reply
 # until its timeout; this gap keeps the two apart. Measured with
-# ``notebooks/output_widget.ipynb``: no gap stalled nbclient in 2 of 15 runs, 1 ms in
-# none of 30, 5 ms in none of 40; each cell with widget output waits this long.
-COMM_REPLY_GAP = 0.005
+# ``notebooks/output_widget.ipynb`` under nbclient: without a gap 2 of 15 runs
+# stalled, with 1 ms none of 30, with 2 ms none of 40, and python3 itself 1 of 20.
+COMM_REPLY_GAP = 0.002
 # Slack above the output limit before this guard cuts: the agent cuts at the limit and
 # adds the notice, and the notice must not be cut again here.
 GUARD_SLACK = 64 * 1024
