@@ -3,9 +3,10 @@
 Who calls it: ``JailCalls.ask_agent`` (the ``agent`` route) tries :func:`ask` first.
 When the agent has no socket there (an agent older than it, or one that could not bind
 it), :class:`NoSocket` sends the request the older way: through the jail's supervisor,
-which connects to the agent's TCP port inside the jail. The direct way saves a process
-of the jail, a thread start and a TCP connection on every request (about 0.8 ms of
-each cell, measured on the development VM).
+which connects to the agent's TCP port inside the jail. The direct way saves a thread
+start and a TCP connection in the jail on every request: a trivial request's round
+trip through the route went from 2.2 to 1.8 ms on the development VM, the ping that
+``JailCalls`` sends the supervisor after each answer included.
 
 Why it is safe, although the sandbox controls the whole path (as in ``files.py``):
 
