@@ -72,8 +72,9 @@ class JailCalls:
     async def ask_agent(
         self, sandbox: Sandbox, state_dir: str, body: str, timeout: float
     ) -> dict[str, Any]:
-        """Relay one request to the kernel agent in ``state_dir`` (the supervisor's
-        ``agent`` op; ``routes_runtime`` turns the answer into the ``agent`` route's)."""
+        """Relay one request to the kernel agent in ``state_dir``: through the agent's
+        own socket where it has one, else by the supervisor's ``agent`` op
+        (``routes_runtime`` turns either answer into the ``agent`` route's)."""
         cap = 2 * self.config.limits.output_cap
         answer = await self._ask_socket(sandbox, state_dir, body, timeout, cap)
         if answer is not None:
@@ -111,7 +112,7 @@ class JailCalls:
         # before this answer was written is pending there by now, so the supervisor
         # answers this ping only if it lives (and the cell then reports the loss,
         # as it did when the supervisor relayed every request).
-        await self._ask_jail(sandbox, {"op": "ping"}, timeout)
+        await self._ask_jail(sandbox, {"op": "ping"}, 0)  # 0: the backstop alone
         return {"ok": True, **answer}
 
     def _check_ready(self, sandbox: Sandbox, *, internal: bool = False) -> None:

@@ -5,7 +5,8 @@ run by the main thread (``core``) and read by server threads; every field except
 request itself is guarded by the agent's condition (``Agent.cond``), which the callers
 of the functions below hold. Events are numbered from 0 per cell; the kernel asks for
 "everything from ``since``", so a resent poll loses and duplicates nothing, and what it
-already holds can be freed.
+already holds can be freed. :class:`WorkQueue` takes cells (and :class:`Call`
+objects) from the server threads to the main thread's event loop.
 """
 
 from __future__ import annotations

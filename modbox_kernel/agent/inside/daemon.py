@@ -24,8 +24,8 @@ from typing import Any, Dict, List, Optional
 from . import location
 from .core import Agent
 from .ops import Requests
-from .server import SOCKET_NAME, Server, UnixServer, serve_in_thread
-from .state import LOG_NAME, unlink_state_files, write_private
+from .server import Server, UnixServer, serve_in_thread
+from .state import LOG_NAME, SOCKET_NAME, unlink_state_files, write_private
 
 #: How long ``start`` waits for the daemon to report that it listens.
 START_TIMEOUT_SECONDS = 20.0

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modbox.agent")
 
-#: The state directory's socket, which the local service connects to.
-SOCKET_NAME = "agent.sock"
 #: How often an idle server thread wakes (only to look for a shutdown nobody asks for).
 IDLE_POLL_SECONDS = 3600.0
 

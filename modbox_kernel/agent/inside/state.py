@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 
-STATE_FILES = ("port", "token", "pid", "agent.sock")
+#: The socket the agent also listens on (``server.UnixServer``); the local service
+#: connects to it.
+SOCKET_NAME = "agent.sock"
+STATE_FILES = ("port", "token", "pid", SOCKET_NAME)
 LOG_NAME = "agent.log"
 
 
