@@ -1,12 +1,13 @@
 """The agent route's own way into a sandbox: the agent's socket in its state directory.
 
-Who calls it: ``JailCalls.ask_agent`` (the ``agent`` route) tries :func:`ask` first.
-When the agent has no socket there (an agent older than it, or one that could not bind
-it), :class:`NoSocket` sends the request the older way: through the jail's supervisor,
-which connects to the agent's TCP port inside the jail. The direct way saves a thread
-start and a TCP connection in the jail on every request: a trivial request's round
-trip through the route went from 2.2 to 1.8 ms on the development VM, the ping that
-``JailCalls`` sends the supervisor after each answer included.
+Who calls it: ``JailCalls.ask_agent`` (the ``agent`` route) tries :func:`find` and
+:func:`ask` first. When the agent has no socket there (an agent older than it, or one
+that could not bind it), :class:`NoSocket` sends the request the older way: through
+the jail's supervisor, which connects to the agent's TCP port inside the jail. The
+direct way saves a thread start and a TCP connection in the jail on every request: a
+trivial request's round trip through the route went from 2.2 to 1.8 ms on the
+development VM, the ping that ``JailCalls`` sends the supervisor after each answer
+included.
 
 Why it is safe, although the sandbox controls the whole path (as in ``files.py``):
 
@@ -80,21 +81,32 @@ def _read_token(dir_fd: int) -> str:
     return token
 
 
-async def ask(ws: Workspace, parts: list[str], body: str, timeout: float, cap: int) -> dict:
-    """One agent request through its socket, answered as the supervisor's relay of the
-    ``agent`` op reads (``jailprocess``): ``reached``, then the agent's line as
-    ``payload`` (bytes) and ``timedOut``, or ``error``.
+def find(ws: Workspace, parts: list[str]) -> tuple[int, str]:
+    """The agent's socket in the state directory ``parts`` of ``ws``: (an ``O_PATH`` fd
+    of it, for :func:`ask`, which closes it; the token). Quick and synchronous, so the
+    caller can close its workspace fd before the request waits.
 
-    Raises :class:`NoSocket` when there is no socket to try (nothing was sent).
+    Raises :class:`NoSocket` when there is no socket to try.
     """
     try:
         with acting_as(ws.owner):
-            sock_fd, token = _find(ws, parts)
+            return _find(ws, parts)
     except OSError as exc:  # none there, or ELOOP (a planted link): not the agent's own
         raise NoSocket(str(exc)) from None
+
+
+async def ask(sock_fd: int, token: str, body: str, timeout: float, cap: int) -> dict:
+    """One agent request through the socket :func:`find` gave (``sock_fd`` is closed
+    here), answered as the supervisor's relay of the ``agent`` op reads
+    (``jailprocess``): ``reached``, then the agent's line as ``payload`` (bytes) and
+    ``timedOut``, or ``error``."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+    except BaseException:
+        os.close(sock_fd)
+        raise
     with sock:
         try:
             try:

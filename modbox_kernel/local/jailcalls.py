@@ -102,11 +102,12 @@ class JailCalls:
             return None  # outside the workspace, or the jail is going: the old way says
         try:
             ws = Workspace(root_fd, sandbox.workspace_path, owner=self.jail.privilege.drop)
-            answer = await agentsocket.ask(ws, parts, body, timeout, cap)
+            sock_fd, token = agentsocket.find(ws, parts)
         except agentsocket.NoSocket:
             return None
         finally:
-            os.close(root_fd)
+            os.close(root_fd)  # before the request waits (a long poll waits up to 60 s)
+        answer = await agentsocket.ask(sock_fd, token, body, timeout, cap)
         # The agent can outlive its jail for a moment: a cell's kill(-1) spares its own
         # process and kills the supervisor, which ends the sandbox. A SIGKILL sent
         # before this answer was written is pending there by now, so the supervisor
