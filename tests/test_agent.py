@@ -14,6 +14,7 @@ import concurrent.futures
 import io
 import itertools
 import json
+import marshal
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ from modbox_kernel.agent import (
     build_agent,
     encode_request,
     request_command,
+    source_version,
     start_command,
 )
 from modbox_kernel.agent.inside.wire import MAX_RESPONSE_BYTES
@@ -895,15 +897,107 @@ def _oldest_python() -> tuple[str, tuple[int, int]]:
 
 
 def test_agent_artifact_is_built_deterministically() -> None:
-    """Two builds give the same bytes, and their hash is the version the agent reports."""
+    """Two builds give the same bytes; the zip names its version (the hash of its
+    sources, which the agent reports) and carries this Python's bytecode for every
+    module under ``__pycache__/``, where zipimport itself never looks."""
     first, second = build_agent(), build_agent()
     assert first == second
     assert first == agent_artifact()
-    names = zipfile.ZipFile(io.BytesIO(first)).namelist()
+    archive = zipfile.ZipFile(io.BytesIO(first))
+    names = archive.namelist()
     assert names == sorted(names) and names[0] == "__main__.py"
     assert "modbox_agent/daemon.py" in names and "modbox_agent/core.py" in names
-    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    modules = [n for n in names if n.endswith(".py") and n != "__main__.py"]
+    tag = sys.implementation.cache_tag
+    assert sorted(n for n in names if n.endswith(".pyc")) == sorted(
+        f"modbox_agent/__pycache__/{Path(n).stem}.{tag}.pyc" for n in modules
+    )
+    assert archive.read("modbox_agent/VERSION").decode() == AGENT_VERSION
     assert AGENT_VERSION in agent_file_name()
+    # The version follows the sources, not the bytecode riding along.
+    sources = {n: archive.read(n) for n in names if n.endswith(".py")}
+    assert source_version(sources) == AGENT_VERSION
+    sources["modbox_agent/core.py"] += b"\n"
+    assert source_version(sources) != AGENT_VERSION
+
+
+_PROBE_SOURCE = """\
+import sys
+
+
+def main():
+    hooks = [h for h in sys.path_hooks if getattr(h, "__module__", "") == "__main__"]
+    print(WHO, main.__code__.co_filename, __file__, len(hooks), sep="|")
+    return 0
+"""
+
+
+def _probe_zip(tmp_path: Path) -> Path:
+    """An agent-shaped zip whose ``daemon.main`` says whether its bytecode or its
+    source ran: its bytecode member is swapped for code that says "bytecode"."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "__init__.py").write_text("")
+    (src / "daemon.py").write_text("WHO = 'source'\n" + _PROBE_SOURCE)
+    archive = zipfile.ZipFile(io.BytesIO(build_agent(src)))
+    members = {n: archive.read(n) for n in archive.namelist()}
+    pyc = f"modbox_agent/__pycache__/daemon.{sys.implementation.cache_tag}.pyc"
+    other = compile("WHO = 'bytecode'\n" + _PROBE_SOURCE, "elsewhere.py", "exec")
+    members[pyc] = members[pyc][:16] + marshal.dumps(other)
+    path = tmp_path / "probe.pyz"
+    with zipfile.ZipFile(path, "w") as out:
+        for name, data in members.items():
+            out.writestr(name, data)
+    return path
+
+
+def _other_pythons() -> list[tuple[tuple[int, int], str]]:
+    """CPythons 3.8+ of this machine other than this one (on PATH or in pyenv)."""
+    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found = []
+    for minor in range(8, 15):
+        if minor == sys.version_info[1]:
+            continue
+        names = [shutil.which(f"python3.{minor}")]
+        names += [str(p) for p in sorted(pyenv.glob(f"3.{minor}.*/bin/python3.{minor}"))]
+        for candidate in filter(None, names):
+            probe = subprocess.run(
+                [candidate, "-c", f"import sys; print(sys.version_info[:2] == (3, {minor}))"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if probe.stdout.strip() == "True":
+                found.append(((3, minor), candidate))
+                break
+    return found
+
+
+def test_the_zip_runs_the_bytecode_it_carries(tmp_path: Path) -> None:
+    """On the Python that built it, the zip's importer (``archive_main.py``) runs the
+    carried bytecode; its code objects and ``__file__`` name the source's path (the
+    traceback filter needs that), and its path hook is gone once the agent imported."""
+    probe = _probe_zip(tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(probe), "start"], capture_output=True, text=True, timeout=60
+    )
+    source = f"{probe}/modbox_agent/daemon.py"
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"bytecode|{source}|{source}|0"
+
+
+def test_the_zip_compiles_its_sources_on_another_python(tmp_path: Path) -> None:
+    """Any other Python ignores the carried bytecode and runs the sources, with the
+    same file names (before 3.10 through plain zipimport, from 3.10 through ours)."""
+    others = _other_pythons()
+    if not others:
+        pytest.skip("no CPython 3.8+ other than this one on this machine")
+    probe = _probe_zip(tmp_path)
+    source = f"{probe}/modbox_agent/daemon.py"
+    for version, python in others:
+        out = subprocess.run([python, str(probe), "start"], capture_output=True, text=True)
+        assert out.returncode == 0, (version, out.stderr)
+        assert out.stdout.strip() == f"source|{source}|{source}|0", version
 
 
 def test_built_agent_runs_a_cell_on_the_oldest_python(tmp_path: Path) -> None:

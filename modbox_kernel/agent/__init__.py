@@ -6,10 +6,13 @@ request, exactly as ``docs/agent-protocol.md`` specifies. Stdlib only; nothing h
 runs inside the sandbox (``inside/`` does, and imports nothing from the package).
 
 The artifact is one zip file (a zipapp: a top-level ``__main__.py`` plus the package
-as ``modbox_agent/``), built in memory from ``inside/`` by :func:`build_agent`. It is
-built deterministically (sorted names, fixed timestamps and modes, stored without
-compression, since zlib is optional in some CPython builds), so the same sources
-always give the same bytes, and their hash is the agent's version.
+as ``modbox_agent/``), built in memory from ``inside/`` by :func:`build_agent`, with
+bytecode for this Python beside it (``archive_main.py`` says why and how it is used).
+It is built deterministically (sorted names, fixed timestamps and modes, stored
+without compression, since zlib is optional in some CPython builds). The agent's
+version is the hash of its sources alone, so a build with freshly compiled bytecode
+and one that reused ``__pycache__`` name the same agent; the zip carries it as the
+member ``modbox_agent/VERSION``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import importlib.util
 import io
 import json
+import marshal
 import pathlib
 import shlex
+import sys
 import zipfile
 from typing import Any
 
@@ -34,6 +40,7 @@ __all__ = [
     "build_agent",
     "encode_request",
     "request_command",
+    "source_version",
     "start_command",
 ]
 
@@ -43,14 +50,11 @@ SOURCE_DIR: pathlib.Path = pathlib.Path(__file__).with_name("inside")
 #: The package's name inside the zip (its code uses relative imports only).
 ARCHIVE_PACKAGE = "modbox_agent"
 
-#: The zip's entry point: ``python3 <file>.pyz start --state-dir DIR``. It calls main()
-#: from the script itself, not during an import (the daemon runs inside that call).
-ARCHIVE_MAIN = (
-    '"""Entry point of the Modbox agent zip (see modbox_agent/__init__.py)."""\n'
-    "import sys\n"
-    f"from {ARCHIVE_PACKAGE}.daemon import main\n"
-    "sys.exit(main())\n"
-)
+#: The zip's entry point (its ``__main__.py``): the importer, then ``daemon.main``.
+ARCHIVE_MAIN: str = pathlib.Path(__file__).with_name("archive_main.py").read_text("utf-8")
+
+#: The member that names the agent's version (:data:`AGENT_VERSION`) inside the zip.
+VERSION_MEMBER = f"{ARCHIVE_PACKAGE}/VERSION"
 
 #: Above this many base64 characters the session uploads the request and passes ``ref``.
 INLINE_LIMIT: int = 64 * 1024
@@ -62,14 +66,71 @@ UNREACHABLE_EXIT = 97
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def build_agent(source: pathlib.Path = SOURCE_DIR) -> bytes:
-    """The zip of the agent's package: identical bytes for identical sources."""
+def _sources(source: pathlib.Path) -> dict[str, bytes]:
+    """The zip's source members: its ``__main__.py`` and the package's modules."""
     members = {"__main__.py": ARCHIVE_MAIN.encode("utf-8")}
     for path in source.rglob("*.py"):
         if "__pycache__" in path.parts:
             continue
-        name = f"{ARCHIVE_PACKAGE}/{path.relative_to(source).as_posix()}"
-        members[name] = path.read_bytes()
+        members[f"{ARCHIVE_PACKAGE}/{path.relative_to(source).as_posix()}"] = path.read_bytes()
+    return members
+
+
+def source_version(members: dict[str, bytes]) -> str:
+    """Short hash of the source members: the agent's version, whatever bytecode rides
+    along (two builds of one source may differ in it, e.g. one with a stale cache)."""
+    digest = hashlib.sha256()
+    for name in sorted(members):
+        digest.update(f"{name}\0{len(members[name])}\0".encode())
+        digest.update(members[name])
+    return digest.hexdigest()[:12]
+
+
+def _bytecode(path: pathlib.Path, source: bytes) -> bytes:
+    """The module's bytecode for this Python, as the zip's importer reads it.
+
+    It comes from the ``__pycache__`` file that pip or ``make bytecode`` wrote when that
+    file is still valid for ``source`` (a kernel start must not compile ~5,000 lines:
+    that is the cost the bytecode exists to save), else from compiling here. The
+    header is a standard one for hash-based bytecode that is not checked against its
+    source (``archive_main.py``): the two are one immutable file.
+    """
+    code: bytes | None = None
+    try:
+        cached = pathlib.Path(importlib.util.cache_from_source(str(path))).read_bytes()
+    except (OSError, NotImplementedError):
+        cached = b""
+    if len(cached) > 16 and cached[:4] == importlib.util.MAGIC_NUMBER:
+        flags = int.from_bytes(cached[4:8], "little")
+        if flags & 1:
+            fresh = cached[8:16] == importlib.util.source_hash(source)
+        else:
+            stat = path.stat()
+            fresh = (
+                int.from_bytes(cached[8:12], "little") == int(stat.st_mtime) & 0xFFFFFFFF
+                and int.from_bytes(cached[12:16], "little") == stat.st_size & 0xFFFFFFFF
+            )
+        if fresh:
+            code = cached[16:]
+    if code is None:
+        code = marshal.dumps(compile(source, str(path), "exec", dont_inherit=True))
+    header = importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")
+    return header + importlib.util.source_hash(source) + code
+
+
+def build_agent(source: pathlib.Path = SOURCE_DIR) -> bytes:
+    """The zip of the agent's package: its sources, their version, and this Python's
+    bytecode for each module (``__pycache__/<module>.<tag>.pyc``)."""
+    members = _sources(source)
+    version = source_version(members)
+    tag = sys.implementation.cache_tag
+    for name in [n for n in members if n.startswith(ARCHIVE_PACKAGE + "/")]:
+        if tag:
+            folder, _, module = name.rpartition("/")
+            path = source / name[len(ARCHIVE_PACKAGE) + 1 :]
+            pyc = f"{folder}/__pycache__/{module[:-3]}.{tag}.pyc"
+            members[pyc] = _bytecode(path, members[name])
+    members[VERSION_MEMBER] = version.encode("ascii")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for name in sorted(members):
@@ -82,13 +143,15 @@ def build_agent(source: pathlib.Path = SOURCE_DIR) -> bytes:
 
 @functools.lru_cache(maxsize=1)
 def agent_artifact() -> bytes:
-    """The bytes to upload as :func:`agent_file_name` (built once per process)."""
+    """The bytes to upload as :func:`agent_file_name` (built once per process, when
+    first needed: a kernel that adopts a pooled agent never builds it)."""
     return build_agent()
 
 
-#: Short hash of the artifact: a changed agent gets a new upload name. The running
-#: agent reports the same value as ``agent_version`` in its start line and ``info``.
-AGENT_VERSION: str = hashlib.sha256(agent_artifact()).hexdigest()[:12]
+#: Short hash of the agent's sources: a changed agent gets a new upload name. The
+#: running agent reports the same value (the zip's ``VERSION`` member) as
+#: ``agent_version`` in its start line and ``info``.
+AGENT_VERSION: str = source_version(_sources(SOURCE_DIR))
 
 
 def agent_file_name() -> str:

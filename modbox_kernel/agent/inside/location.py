@@ -2,16 +2,16 @@
 
 The agent runs from one zip file (``modbox-agent-<version>.pyz``, built by
 ``modbox_kernel.agent``) or, in development, from this package's folder. Three things
-depend on that place: the version the agent reports (a hash of the zip's bytes, equal
-to the kernel's ``AGENT_VERSION``), which traceback frames are the agent's own (hidden
-from the user: ``tracebacks``), and the ``sys.path`` entry that must not stay visible to
-the notebook (``daemon``).
+depend on that place: the version the agent reports (the hash of its sources that the
+zip carries, equal to the kernel's ``AGENT_VERSION``), which traceback frames are the
+agent's own (hidden from the user: ``tracebacks``), and the ``sys.path`` entry that
+must not stay visible to the notebook (``daemon``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import zipimport
 
 #: This package's folder (inside the zip: ``<file>.pyz/modbox_agent``).
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -29,11 +29,13 @@ def is_agent_file(filename: str) -> bool:
 
 
 def agent_version() -> str:
-    """Short hash of the zip's bytes: equals ``modbox_kernel.agent.AGENT_VERSION``."""
+    """The hash of the agent's sources that the zip carries (its ``VERSION`` member,
+    written by ``modbox_kernel.agent.build_agent``): equals the kernel's
+    ``AGENT_VERSION`` when both come from the same sources."""
     if ARCHIVE is None:
         return "source"
+    member = os.path.basename(PACKAGE_DIR) + "/VERSION"
     try:
-        with open(ARCHIVE, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:12]
-    except OSError:
+        return zipimport.zipimporter(ARCHIVE).get_data(member).decode("ascii").strip()
+    except (OSError, ImportError, UnicodeDecodeError):
         return "unknown"
