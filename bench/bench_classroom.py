@@ -91,10 +91,12 @@ class Student:
     def arrive(self) -> None:
         try:
             t0 = time.perf_counter()
-            # tcp, as Jupyter's default (ipc paths are relative to the kernel's cwd,
-            # which differs from ours). Forty kernels picking free ports at once
-            # collide now and then (a jupyter_client race): then run it again.
-            self.km = KernelManager(kernel_name=self.kernel)
+            # ipc, with an absolute path of its own: over tcp, forty kernels started at
+            # once collide now and then, since jupyter_client picks a kernel's free
+            # ports before that kernel binds them and another process may take one
+            # meanwhile ("Address already in use"). The same transport for both kinds.
+            ipc = os.path.join(tempfile.mkdtemp(prefix="ipc-"), "kernel")
+            self.km = KernelManager(kernel_name=self.kernel, transport="ipc", ip=ipc)
             # A student's own small folder (a home with one data file), not the
             # benchmark's working directory, is what gets copied into each sandbox.
             self.km.start_kernel(env=self.env, cwd=self.home)
