@@ -871,15 +871,15 @@ def test_fallback_display_and_top_level_await(plain: AgentUnderTest) -> None:
     assert events[0]["data"]["text/plain"] == "{'k': 1}"
 
 
-def _oldest_python() -> tuple[str, tuple[int, int]]:
-    """The oldest working CPython >= 3.8 here (on PATH or in pyenv), else this one.
-
-    The agent promises any python3 >= 3.8; a pyenv shim may exist without an
-    interpreter behind it, so each candidate is probed.
-    """
+def _other_pythons() -> list[tuple[tuple[int, int], str]]:
+    """CPythons 3.8+ of this machine other than this one (on PATH or in pyenv), oldest
+    first. A pyenv shim may exist without an interpreter behind it, so each candidate
+    is probed."""
     pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    found: list[tuple[tuple[int, int], str]] = [(sys.version_info[:2], sys.executable)]
-    for minor in range(8, sys.version_info[1]):
+    found = []
+    for minor in range(8, 15):
+        if minor == sys.version_info[1]:
+            continue
         names = [shutil.which(f"python3.{minor}")]
         names += [str(p) for p in sorted(pyenv.glob(f"3.{minor}.*/bin/python3.{minor}"))]
         for candidate in filter(None, names):
@@ -892,7 +892,13 @@ def _oldest_python() -> tuple[str, tuple[int, int]]:
             if probe.stdout.strip() == "True":
                 found.append(((3, minor), candidate))
                 break
-    version, python = min(found)
+    return found
+
+
+def _oldest_python() -> tuple[str, tuple[int, int]]:
+    """The oldest working CPython >= 3.8 here, else this one (the agent promises any
+    python3 >= 3.8)."""
+    version, python = min([(sys.version_info[:2], sys.executable), *_other_pythons()])
     return python, version
 
 
@@ -949,28 +955,6 @@ def _probe_zip(tmp_path: Path) -> Path:
         for name, data in members.items():
             out.writestr(name, data)
     return path
-
-
-def _other_pythons() -> list[tuple[tuple[int, int], str]]:
-    """CPythons 3.8+ of this machine other than this one (on PATH or in pyenv)."""
-    pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    found = []
-    for minor in range(8, 15):
-        if minor == sys.version_info[1]:
-            continue
-        names = [shutil.which(f"python3.{minor}")]
-        names += [str(p) for p in sorted(pyenv.glob(f"3.{minor}.*/bin/python3.{minor}"))]
-        for candidate in filter(None, names):
-            probe = subprocess.run(
-                [candidate, "-c", f"import sys; print(sys.version_info[:2] == (3, {minor}))"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if probe.stdout.strip() == "True":
-                found.append(((3, minor), candidate))
-                break
-    return found
 
 
 def test_the_zip_runs_the_bytecode_it_carries(tmp_path: Path) -> None:
