@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ class Student:
     def __init__(self, kernel: str, env: dict[str, str]) -> None:
         self.kernel, self.env = kernel, env
         self.home = tempfile.mkdtemp(prefix="student-")
+        self.ipc = tempfile.mkdtemp(prefix="ipc-")
         with open(os.path.join(self.home, "data.csv"), "w") as f:
             f.write("x,y\n1,2\n")
         self.km: KernelManager | None = None
@@ -95,8 +97,9 @@ class Student:
             # once collide now and then, since jupyter_client picks a kernel's free
             # ports before that kernel binds them and another process may take one
             # meanwhile ("Address already in use"). The same transport for both kinds.
-            ipc = os.path.join(tempfile.mkdtemp(prefix="ipc-"), "kernel")
-            self.km = KernelManager(kernel_name=self.kernel, transport="ipc", ip=ipc)
+            self.km = KernelManager(
+                kernel_name=self.kernel, transport="ipc", ip=os.path.join(self.ipc, "kernel")
+            )
             # A student's own small folder (a home with one data file), not the
             # benchmark's working directory, is what gets copied into each sandbox.
             self.km.start_kernel(env=self.env, cwd=self.home)
@@ -113,6 +116,8 @@ class Student:
             self.kc.stop_channels()
         if self.km is not None:
             self.km.shutdown_kernel(now=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+        shutil.rmtree(self.ipc, ignore_errors=True)
 
 
 def arrive_all(students: list[Student], every: float) -> None:
