@@ -123,13 +123,12 @@ def build_agent(source: pathlib.Path = SOURCE_DIR) -> bytes:
     bytecode for each module (``__pycache__/<module>.<tag>.pyc``)."""
     members = _sources(source)
     version = source_version(members)
-    tag = sys.implementation.cache_tag
-    for name in [n for n in members if n.startswith(ARCHIVE_PACKAGE + "/")]:
-        if tag:
-            folder, _, module = name.rpartition("/")
-            path = source / name[len(ARCHIVE_PACKAGE) + 1 :]
-            pyc = f"{folder}/__pycache__/{module[:-3]}.{tag}.pyc"
-            members[pyc] = _bytecode(path, members[name])
+    tag = sys.implementation.cache_tag  # None: this Python keeps no bytecode
+    modules = [n for n in members if n.startswith(ARCHIVE_PACKAGE + "/")] if tag else []
+    for name in modules:
+        folder, _, module = name.rpartition("/")
+        pyc = f"{folder}/__pycache__/{module[:-3]}.{tag}.pyc"
+        members[pyc] = _bytecode(source / name[len(ARCHIVE_PACKAGE) + 1 :], members[name])
     members[VERSION_MEMBER] = version.encode("ascii")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
