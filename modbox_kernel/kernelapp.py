@@ -7,6 +7,9 @@ with our kernel class and two changed defaults:
   and 2 would turn the embedded service's log lines into cell output.
 * the config file is ``modbox_kernel_config.py`` (app name ``modbox-kernel``), so
   ``--ModboxKernel.<trait>=…`` on the command line and that file both configure it.
+
+Once the kernel has shut down, :func:`main` ends the process through
+:func:`exit_without_teardown` instead of returning to the interpreter's exit.
 """
 
 from __future__ import annotations
