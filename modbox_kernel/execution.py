@@ -150,7 +150,6 @@ class CellExecution:
             relay.flush()
             return self._error_reply(relay, "ModboxError", str(exc), [red(str(exc))])
         relay.flush()
-        await relay.settle()
         # The cell's files reach the host before its reply, as a local kernel's would.
         notices = await self.sandbox.files.after_cell(done.get("files"))
         for notice in notices:

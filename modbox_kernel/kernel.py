@@ -46,6 +46,7 @@ from .kernelcontrol import ControlRequests
 from .relay import OutputRelay, Publish
 from .session import SandboxSession, SessionConfig
 from .settings import EnvSettings, KernelSettings
+from .widgetecho import OutputWidgetEchoes
 from .workdir import check_root
 
 
@@ -105,6 +106,7 @@ class ModboxKernel(KernelSettings, ControlRequests):
         self._parents = ParentOrder()
         self.idle_listener = IdleOutput(self.sandbox, lambda: self._relay_under(None))
         self.comms = CommForwarder(self.sandbox, self._relay_under)
+        self.echoes = OutputWidgetEchoes()
         self.cell_control = CellControl(self._interrupt_agent)
         self.execution = CellExecution(self.sandbox, self.cell_control, problems=self._env.problems)
         self.magic = magic.ModboxMagic(self.sandbox, folder)
@@ -174,11 +176,13 @@ class ModboxKernel(KernelSettings, ControlRequests):
         ) -> None:
             if self.session is None:  # not connected yet: nobody to tell
                 return
+            under = parent()
+            self.echoes.published(msg_type, content, under)
             self.session.send(
                 self.iopub_socket,
                 msg_type,
                 content,
-                parent(),
+                under,
                 metadata=metadata,
                 buffers=list(buffers) if buffers else None,
             )
@@ -212,6 +216,7 @@ class ModboxKernel(KernelSettings, ControlRequests):
         what they publish or print streams to IOPub with this message as parent, as
         under ipykernel. Without a sandbox the comms it names are gone: nothing to do.
         """
+        self.echoes.received(parent)
         if not self.sandbox.ready:
             return
         request = protocol.CellRequest(
@@ -301,10 +306,13 @@ class ModboxKernel(KernelSettings, ControlRequests):
         relay = self._relay(silent)
         lines = magic.parse(code)
         if lines is not None:  # %modbox: the kernel's own, never sent to the sandbox
-            return await self.execution.run_magic(
+            reply = await self.execution.run_magic(
                 self.execution_count, lambda: self.magic.run(lines, relay), relay
             )
-        return await self.execution.run(cell, relay, limit)
+        else:
+            reply = await self.execution.run(cell, relay, limit)
+        await self.echoes.settled(str(cell.parent_header.get("msg_id", "")))  # widgetecho.py
+        return reply
 
     # -- stdin (docs/jupyter-traps.md, "stdin") ---------------------------------------
 

@@ -27,18 +27,6 @@ from . import protocol
 # becomes at most ~50 messages/s, far under jupyter_server's 1000 msg/s limit).
 STREAM_FLUSH_INTERVAL = 0.02
 STREAM_FLUSH_BYTES = 64 * 1024
-# The least time between the last comm message of a request and its reply. Under
-# ipykernel a cell's widget messages go out while it runs and its reply only after it
-# has finished (about a millisecond later for a quick cell); ours arrive in one burst
-# with the reply. A client that answers a comm message on the shell socket while the
-# reply is arriving there (nbclient syncing an Output widget) can miss that reply
-# until its timeout; this gap keeps the two apart. Measured with
-# ``notebooks/output_widget.ipynb`` under nbclient: without a gap 2 of 15 runs
-# stalled, with 1 ms none of 30, with 2 ms none of 40, and python3 itself 1 of 20.
-# On the same VM running about 2.2x slower, 2 ms stalled 3 of 25 runs (and the test's
-# three runs once), 5 ms none of 30, python3 none of 25: the gap needed grows with a
-# slower machine, so it keeps that margin.
-COMM_REPLY_GAP = 0.005
 # Slack above the output limit before this guard cuts: the agent cuts at the limit and
 # adds the notice, and the notice must not be cut again here.
 GUARD_SLACK = 64 * 1024
@@ -84,7 +72,6 @@ class OutputRelay:
         self._last_flush = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
         self._progress_id = f"modbox-progress-{os.getpid()}-{next(_relay_ids)}"
-        self._last_comm = 0.0
 
     def publish(self, msg_type: str, content: dict[str, Any]) -> None:
         """Send one output message (a silent request sends only its errors)."""
@@ -155,18 +142,9 @@ class OutputRelay:
             metadata = content.pop("_metadata", {})
             buffers = [base64.b64decode(b) for b in content.pop("_buffers", [])]
             self._publish(str(kind), content, metadata, buffers)
-            self._last_comm = time.monotonic()
             return
         if kind in protocol.OUTPUT_EVENTS:
             self.publish(str(kind), content)
-
-    async def settle(self) -> None:
-        """Before the reply: wait out :data:`COMM_REPLY_GAP` after the last comm message
-        (the execution calls it; requests without comm messages never wait)."""
-        if self._last_comm:
-            gap = COMM_REPLY_GAP - (time.monotonic() - self._last_comm)
-            if gap > 0:
-                await asyncio.sleep(gap)
 
     def progress(self, text: str, *, update: bool) -> None:
         """Show (or update) the one-line progress display of this request."""

@@ -215,6 +215,56 @@ def test_nbclient_runs_the_output_widget_pattern_without_stalling(
     assert slowest[KERNEL_NAME] < 2.0, slowest
 
 
+def test_the_reply_comes_after_the_clients_echo_of_an_output_widget(
+    both: dict[str, Kernel],
+) -> None:
+    """nbclient echoes each output an Output widget captured (a comm_msg on the shell
+    socket) while it waits there for the cell's reply; a reply arriving during that
+    write is lost to it until its timeout (modbox_kernel/widgetecho.py). Here the
+    client echoes 0.3 s after the output: python3 has replied long before (the race is
+    open), Modbox Python replies only once the echo is in."""
+    arrived: dict[str, tuple[float, float]] = {}
+    for name, kernel in both.items():
+        kc = kernel.kc
+        made = run_cell(kc, "import ipywidgets\nout = ipywidgets.Output()\nout")
+        opened = [m for m in made.outputs if m["msg_type"] == "comm_open"]
+        comm_id = next(
+            m["content"]["comm_id"]
+            for m in opened
+            if m["content"]["data"]["state"].get("_model_name") == "OutputModel"
+        )
+        run = submit(kc, "with out:\n    print('captured')")
+        assert pump(
+            kc,
+            run,
+            lambda run=run: any(  # type: ignore[misc]
+                m["msg_type"] == "stream" for m in run.outputs
+            ),
+            30,
+        ), run.describe()
+        stream = next(m for m in run.outputs if m["msg_type"] == "stream")
+        shown = time.monotonic()
+        assert pump(kc, run, lambda shown=shown: time.monotonic() > shown + 0.3, 5)
+        outputs = [{"output_type": "stream", "name": "stdout", "text": "captured\n"}]
+        echo = kc.session.msg(
+            "comm_msg",
+            {
+                "comm_id": comm_id,
+                "data": {"method": "update", "state": {"outputs": outputs}, "buffer_paths": []},
+            },
+            parent=stream["parent_header"],
+        )
+        kc.shell_channel.send(echo)
+        echoed = time.monotonic()
+        assert pump(kc, run, lambda run=run: run.done, 30), run.describe()
+        assert run.status == "ok", run.describe()
+        arrived[name] = (echoed, run.reply_at)
+    python3_echoed, python3_reply = arrived[REFERENCE_KERNEL]
+    assert python3_reply < python3_echoed, arrived
+    modbox_echoed, modbox_reply = arrived[KERNEL_NAME]
+    assert modbox_reply > modbox_echoed, arrived
+
+
 def _value(kernel: Kernel, code: str) -> Any:
     run = run_cell(kernel.kc, code)
     assert run.status == "ok", run.describe()
