@@ -20,13 +20,10 @@ this module adds is Jupyter behaviour (``docs/jupyter-traps.md`` explains each t
 from __future__ import annotations
 
 import asyncio
-import atexit
 import base64
-import contextlib
 import os
 import platform
 import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -116,8 +113,7 @@ class ModboxKernel(KernelSettings, ControlRequests):
         )
         self._debug_parent: dict[str, Any] = {}
         self._allow_stdin = False
-        self._shutdown_done = threading.Event()
-        atexit.register(self._atexit)
+        self._watch_exit()
         for msg_type in protocol.COMM_EVENTS:
             self.shell_handlers[msg_type] = self._comm_message
 
@@ -445,55 +441,6 @@ class ModboxKernel(KernelSettings, ControlRequests):
             reply = {}
         history = [tuple(item) for item in reply.get("history", [])]
         return {"status": "ok", "history": history}
-
-    # -- shutdown (Control thread; docs/jupyter-traps.md, "Shutdown") -----------------
-
-    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
-        future = asyncio.run_coroutine_threadsafe(self.sandbox.close(), self.io_loop.asyncio_loop)
-        try:
-            # Room for the last files to come back (filesync.FINAL_SYNC_WAIT), within
-            # the 5 s jupyter_client waits before it kills the kernel.
-            await asyncio.wait_for(asyncio.wrap_future(future), timeout=4.5)
-        except Exception as exc:  # a stuck loop or a slow service: destroy without it
-            self.log.warning("sandbox teardown on the main loop did not finish (%r)", exc)
-            await asyncio.to_thread(self.sandbox.close_blocking)
-        self._shutdown_done.set()
-        return {"status": "ok", "restart": restart}
-
-    async def shutdown_request(self, stream: Any, ident: Any, parent: Any) -> None:
-        """ipykernel's shutdown_request, except that the main loop stops last.
-
-        Right after a control handler returns, ipykernel flushes sys.stdout/stderr
-        through the IOPub thread. The base class has already asked the main loop to
-        stop by then, so the main thread may be inside IPKernelApp.close() tearing the
-        IOPub thread down: the flush blocks, the process never exits by itself, and
-        jupyter_client SIGTERMs it after 2.5 s (every restart pays that).
-        """
-        if not self.session:
-            return
-        content = await self.do_shutdown(parent["content"]["restart"])
-        self.session.send(stream, "shutdown_reply", content, parent, ident=ident)
-        self._shutdown_message = self.session.msg("shutdown_reply", content, parent)  # type: ignore[assignment]
-        await self._at_shutdown()
-        main = self.io_loop
-        loops = [main]
-        if self.shell_stream and self.shell_stream.io_loop is not main:
-            loops.append(self.shell_stream.io_loop)
-        if self.control_stream:
-            control = self.control_stream.io_loop
-            control.add_callback(control.stop)
-            # A control-loop callback runs only after process_control (and its flushes)
-            # has finished with this message.
-            for loop in loops:
-                control.add_callback(loop.add_callback, loop.stop)
-        else:
-            for loop in loops:
-                loop.add_callback(loop.stop)
-
-    def _atexit(self) -> None:
-        if not self._shutdown_done.is_set():
-            with contextlib.suppress(Exception):
-                self.sandbox.close_blocking()
 
 
 def _working_directory() -> str | None:

@@ -1,15 +1,21 @@
-"""The control channel's requests the kernel answers itself, beside shutdown.
+"""The control channel's requests the kernel answers itself.
 
 ``ModboxKernel`` (``kernel.py``) derives from :class:`ControlRequests`; ipykernel calls
 these handlers on its Control thread, where no session client may be used: each one
 hops to the main loop for what it asks the sandbox. Interrupts reach the running cell
 (``cellcontrol.py``), debug requests the sandbox's debugpy (``debugger.py``), usage
 requests the sandbox's figures (``usage.py``); subshells are refused in one sentence.
+Shutdown destroys the sandbox and stops the loops in an order that lets the process
+exit by itself; a process that ends without a shutdown request still destroys it, at
+exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import threading
 from typing import TYPE_CHECKING, Any
 
 from ipykernel.kernelbase import Kernel
@@ -29,6 +35,13 @@ class ControlRequests(Kernel):
     cell_control: CellControl
     debug_relay: DebugRelay
     _debug_parent: dict[str, Any]
+    _shutdown_done: threading.Event
+
+    def _watch_exit(self) -> None:
+        """Called once by ``ModboxKernel.__init__``: destroy the sandbox at exit unless
+        a shutdown request already did."""
+        self._shutdown_done = threading.Event()
+        atexit.register(self._atexit)
 
     # -- interrupts (docs/jupyter-traps.md, "Interrupts")
 
@@ -73,3 +86,52 @@ class ControlRequests(Kernel):
                 "traceback": [],
             }
             self.session.send(socket, "create_subshell_reply", content, parent, ident)
+
+    # -- shutdown (Control thread; docs/jupyter-traps.md, "Shutdown") -----------------
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        future = asyncio.run_coroutine_threadsafe(self.sandbox.close(), self.io_loop.asyncio_loop)
+        try:
+            # Room for the last files to come back (filesync.FINAL_SYNC_WAIT), within
+            # the 5 s jupyter_client waits before it kills the kernel.
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout=4.5)
+        except Exception as exc:  # a stuck loop or a slow service: destroy without it
+            self.log.warning("sandbox teardown on the main loop did not finish (%r)", exc)
+            await asyncio.to_thread(self.sandbox.close_blocking)
+        self._shutdown_done.set()
+        return {"status": "ok", "restart": restart}
+
+    async def shutdown_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """ipykernel's shutdown_request, except that the main loop stops last.
+
+        Right after a control handler returns, ipykernel flushes sys.stdout/stderr
+        through the IOPub thread. The base class has already asked the main loop to
+        stop by then, so the main thread may be inside IPKernelApp.close() tearing the
+        IOPub thread down: the flush blocks, the process never exits by itself, and
+        jupyter_client SIGTERMs it after 2.5 s (every restart pays that).
+        """
+        if not self.session:
+            return
+        content = await self.do_shutdown(parent["content"]["restart"])
+        self.session.send(stream, "shutdown_reply", content, parent, ident=ident)
+        self._shutdown_message = self.session.msg("shutdown_reply", content, parent)  # type: ignore[assignment]
+        await self._at_shutdown()
+        main = self.io_loop
+        loops = [main]
+        if self.shell_stream and self.shell_stream.io_loop is not main:
+            loops.append(self.shell_stream.io_loop)
+        if self.control_stream:
+            control = self.control_stream.io_loop
+            control.add_callback(control.stop)
+            # A control-loop callback runs only after process_control (and its flushes)
+            # has finished with this message.
+            for loop in loops:
+                control.add_callback(loop.add_callback, loop.stop)
+        else:
+            for loop in loops:
+                loop.add_callback(loop.stop)
+
+    def _atexit(self) -> None:
+        if not self._shutdown_done.is_set():
+            with contextlib.suppress(Exception):
+                self.sandbox.close_blocking()
