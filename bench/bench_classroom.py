@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import psutil
 from jupyter_client.manager import KernelManager
 
@@ -112,10 +113,14 @@ class Student:
             self.error = exc
 
     def leave(self) -> None:
+        # A clean shutdown, as a Jupyter server or a hub's culler does it: the kernel
+        # destroys its sandbox on the way out. (``now=True`` would SIGKILL it, and its
+        # sandbox would hold a place in the service until its lease lapsed, 50 s
+        # later: the next phase would then measure a queue left over from this one.)
         if self.kc is not None:
             self.kc.stop_channels()
         if self.km is not None:
-            self.km.shutdown_kernel(now=True)
+            self.km.shutdown_kernel(now=False)
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.ipc, ignore_errors=True)
 
@@ -133,6 +138,34 @@ def arrive_all(students: list[Student], every: float) -> None:
     failed = [s.error for s in students if s.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(students)} kernels failed: {failed[0]!r}")
+
+
+def leave_all(students: list[Student]) -> None:
+    """Shut every kernel down at once, as a class leaving (a server shuts its kernels
+    down concurrently too)."""
+    threads = [threading.Thread(target=s.leave) for s in students]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def wait_until_empty(url: str, secret: str, timeout: float = 120.0) -> None:
+    """Return once the shared service holds no live sandbox (the admin credential sees
+    every owner's), so that each phase starts on an empty host; a sandbox still live
+    after ``timeout`` is a leak and fails the run."""
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {secret}"}
+    while True:
+        listed = httpx.get(f"{url}/sandboxes", headers=headers, timeout=30).json()
+        live = [s["id"] for s in listed["sandboxes"] if s["status"] != "destroyed"]
+        if not live:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{len(live)} sandboxes still live {timeout:.0f} s after the class left"
+            )
+        time.sleep(0.5)
 
 
 def in_parallel(students: list[Student], work: Callable[[Student], float]) -> list[float]:
@@ -192,7 +225,13 @@ def memory_per_kernel(students: list[Student], modbox: bool) -> float:
     return statistics.mean(sizes)
 
 
-def measure(kernel: str, envs: list[dict[str, str]], every: float) -> dict[str, float]:
+def measure(
+    kernel: str,
+    envs: list[dict[str, str]],
+    every: float,
+    settle: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Both phases for one kernel type; ``settle`` runs after each phase's class left."""
     figures: dict[str, float] = {}
     for label, gap in (("arriving", every), ("together", 0.0)):
         students = [Student(kernel, env) for env in envs]
@@ -213,8 +252,9 @@ def measure(kernel: str, envs: list[dict[str, str]], every: float) -> dict[str, 
                 figures["burst p95"] = pct(burst, 95)
                 figures["memory"] = memory_per_kernel(students, kernel != "python3")
         finally:
-            for student in students:
-                student.leave()
+            leave_all(students)
+        if settle is not None:
+            settle()
         time.sleep(3.0)  # let the host settle between phases
     return figures
 
@@ -245,7 +285,9 @@ def main() -> int:
             for n in names
         ]
         python3 = measure("python3", [base] * args.students, args.every)
-        modbox = measure("modbox-python", modbox_envs, args.every)
+        modbox = measure(
+            "modbox-python", modbox_envs, args.every, lambda: wait_until_empty(url, secret)
+        )
         # The same idle class without the waiting request for between-cells output:
         # the difference is what listening for it costs.
         quiet_envs = [{**env, "MODBOX_IDLE_OUTPUT": "0"} for env in modbox_envs]
@@ -255,8 +297,8 @@ def main() -> int:
             time.sleep(2.0)
             no_listening = host_cpu_percent(IDLE_CPU_SECONDS)
         finally:
-            for student in quiet:
-                student.leave()
+            leave_all(quiet)
+        wait_until_empty(url, secret)
     finally:
         service.terminate()
         service.wait(60)
