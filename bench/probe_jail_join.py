@@ -108,7 +108,7 @@ def join(target: int) -> int:
                 }
                 os.write(write, json.dumps(seen).encode())
                 os._exit(0)
-            os._exit(os.waitpid(inner, 0)[1])
+            os._exit(os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1]))
         except BaseException as exc:  # report, never return into the parent's code
             os.write(write, json.dumps({"error": str(exc)}).encode())
             os._exit(1)
@@ -124,11 +124,11 @@ def join(target: int) -> int:
     print(json.dumps(seen, indent=1))
     inside = (
         "error" not in seen
-        and seen["pid"] < 10
-        and seen["uid"] == NOBODY
-        and not seen["host_path_visible"]
-        and seen["interfaces"] == ["lo"]
-        and int(seen["cap_eff"], 16) == 0
+        and seen.get("pid", NOBODY) < 10
+        and seen.get("uid") == NOBODY
+        and seen.get("host_path_visible") is False
+        and seen.get("interfaces") == ["lo"]
+        and int(seen.get("cap_eff", "1"), 16) == 0
     )
     print("the child is inside the jail" if inside else "the child did NOT get inside")
     return 0 if inside else 1
