@@ -3,14 +3,16 @@
 ``python bench/probe_jail_join.py`` (as root, bubblewrap and setpriv installed) starts a
 jail the way the local service's does in shape (unprivileged uid, every namespace
 unshared, capabilities dropped), then, as the same unprivileged uid, a process that
-forks a child which enters the jail: its namespaces, its root, its uid. The child
-reports what it sees; the probe exits 0 only when the child is inside (its own PID
-namespace, the jail's root and no host path, only loopback, no capability left).
+forks a child which enters the jail: its namespaces, its root, its uid, then the
+service's own seccomp filter (``modbox_kernel.local.seccomp``) under ``no_new_privs``.
+The child reports what it sees; the probe exits 0 only when the child is inside (its
+own PID namespace, the jail's root and no host path, only loopback, no capability
+left, and the filter refusing ``unshare``).
 
 It answers the feasibility question under ``docs/classroom.md`` ("Arrivals"): the
 service could start each sandbox's agent by forking a warm process instead of starting
 a fresh interpreter in every jail. The probe leaves out what a real hand-over would
-also need (the cgroup, the seccomp filter, the rlimits, the agent's state files).
+also need (the cgroup, the rlimits, the agent's state files).
 
 What it found on bubblewrap 0.8: bwrap nests a second user namespace inside the one
 that owns the jail's other namespaces, so the child joins the outer one first (where it
@@ -33,6 +35,9 @@ import time
 NOBODY = 65534
 NS_GET_PARENT = 0xB702
 PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 CLONE = {
     "user": 0x10000000,
     "mnt": 0x00020000,
@@ -69,7 +74,20 @@ def _drop_capabilities(libc: ctypes.CDLL) -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def join(target: int) -> int:
+def _load_filter(libc: ctypes.CDLL, program: bytes) -> None:
+    """``no_new_privs``, then the service's seccomp program on top of bwrap's."""
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "no_new_privs")
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    prog = Fprog(len(program) // 8, program)  # struct sock_filter is 8 bytes
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def join(target: int, program: bytes) -> int:
     """Run as the jail's uid: fork a child into ``target``'s jail; 0 if it got inside."""
     import asyncio  # noqa: F401  (stands in for the warm imports)
 
@@ -91,6 +109,8 @@ def join(target: int) -> int:
             os.chroot(".")
             os.chdir("/")
             _drop_capabilities(libc)
+            if program:
+                _load_filter(libc, program)
             inner = os.fork()  # the PID namespace applies to children only
             if inner == 0:
                 status = dict(
@@ -105,6 +125,9 @@ def join(target: int) -> int:
                     "host_path_visible": os.path.exists(os.path.dirname(os.path.abspath(__file__))),
                     "interfaces": interfaces,
                     "cap_eff": status["CapEff"].strip(),
+                    "no_new_privs": status["NoNewPrivs"].strip(),
+                    "seccomp_filters": status.get("Seccomp_filters", "?").strip(),
+                    "unshare_refused": libc.unshare(CLONE["user"]) != 0,
                 }
                 os.write(write, json.dumps(seen).encode())
                 os._exit(0)
@@ -129,14 +152,16 @@ def join(target: int) -> int:
         and seen.get("host_path_visible") is False
         and seen.get("interfaces") == ["lo"]
         and int(seen.get("cap_eff", "1"), 16) == 0
+        and seen.get("no_new_privs") == "1"
+        and seen.get("unshare_refused") is True
     )
     print("the child is inside the jail" if inside else "the child did NOT get inside")
     return 0 if inside else 1
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--join":
-        return join(int(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--join":
+        return join(int(sys.argv[2]), bytes.fromhex(sys.argv[3]))
     bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
     if os.geteuid() != 0 or not bwrap or not setpriv:
         print("needs root, bwrap and setpriv", file=sys.stderr)
@@ -162,10 +187,19 @@ def main() -> int:
         # Debian's /usr/bin/python3: the uid cannot reach an interpreter under /root.
         python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
         script = os.path.join(here, os.path.basename(__file__))
-        return subprocess.run([*drop, python, script, "--join", str(target)]).returncode
+        program = _service_filter().hex()
+        return subprocess.run([*drop, python, script, "--join", str(target), program]).returncode
     finally:
         jail.kill()
         jail.wait()
+
+
+def _service_filter() -> bytes:
+    """The local service's seccomp program (empty where it has none: not x86_64)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from modbox_kernel.local.seccomp import filter_program
+
+    return filter_program() or b""
 
 
 def _descendants(pid: int) -> list[str]:
