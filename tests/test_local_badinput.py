@@ -8,14 +8,16 @@ the app in-process with a registry that raises.
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from service_helpers import LocalSandbox, LocalService
+from service_helpers import LocalSandbox, LocalService, wait_until
 
 MIB = 1024 * 1024
 
@@ -162,6 +164,44 @@ def test_oversized_bodies_are_413(control: httpx.Client, local_sandbox: LocalSan
     assert_envelope(response, 413)
     listing = local_sandbox.http.get(local_sandbox.files_url, params={"path": "uploads"})
     assert "big.bin" not in {e["name"] for e in listing.json()["entries"]}
+
+
+def _abandon(url: str, token: str, content_type: str, first_bytes: bytes) -> None:
+    """POST ``url`` declaring a 1 MiB body, send only ``first_bytes``, then hang up."""
+    parts = urlsplit(url)
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {MIB}\r\n\r\n"
+    )
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(head.encode() + first_bytes)
+
+
+@pytest.mark.parametrize("route", ["upload", "exec"])
+def test_a_client_that_hangs_up_mid_body_is_one_log_line(
+    local_service: LocalService, local_sandbox: LocalSandbox, route: str
+) -> None:
+    # A kernel shutting down can close an upload or a poll half-sent; the service must
+    # note it and go on, not log a crash (test_service_still_answers_after_all_that
+    # checks the whole log for tracebacks).
+    if route == "upload":
+        url, boundary = f"{local_sandbox.files_url}/upload", "b0undary"
+        first = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f'filename="half.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode() + b"x" * 4096
+        content_type = f"multipart/form-data; boundary={boundary}"
+    else:
+        url, first, content_type = local_sandbox.exec_url, b'{"command": "', "application/json"
+    before = local_service.log_text().count("before its body was read")
+    _abandon(url, local_sandbox.access_token, content_type, first)
+    assert wait_until(
+        lambda: local_service.log_text().count("before its body was read") > before, 10
+    ), local_service.log_text()[-3000:]
+    assert "Traceback" not in local_service.log_text()
+    listing = local_sandbox.http.get(local_sandbox.files_url, params={"path": "uploads"})
+    assert "half.bin" not in {e["name"] for e in listing.json().get("entries", [])}
 
 
 def test_service_still_answers_after_all_that(

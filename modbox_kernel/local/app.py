@@ -6,8 +6,10 @@ serves the result with uvicorn. The lifespan runs the TTL reaper, fills the pool
 
 Error handling: route code raises ``ServiceError`` for answers it means; Starlette's
 own HTTP errors (unknown route, wrong method, broken multipart) become envelopes too;
-anything else becomes a 500 ``internal_error`` envelope whose body holds no traceback
-(the traceback goes to the log). Every response carries ``X-Request-Id``.
+a client that closes its request before the body is read (a kernel shutting down in
+the middle of an upload or a waiting poll) gets a 400 nobody reads, logged in one line
+rather than as a crash; anything else becomes a 500 ``internal_error`` envelope whose
+body holds no traceback (the traceback goes to the log). Every response carries ``X-Request-Id``.
 
 Host check: a service bound to loopback answers only requests whose ``Host`` names
 loopback (or the ``--public-url`` host); anything else gets a 403 envelope. The service
@@ -30,7 +32,7 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -152,6 +154,21 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     return envelope_response(error, _request_id(request))
 
 
+async def _on_client_disconnect(request: Request, exc: Exception) -> Response:
+    # Any route that reads a body (JSON or multipart) can meet this; the caller is gone,
+    # so the answer is only for the log and the ASGI server, which would otherwise print
+    # a traceback for an everyday event.
+    request_id = _request_id(request)
+    log.info(
+        "request %s: the client closed %s %s before its body was read",
+        request_id,
+        request.method,
+        request.url.path,
+    )
+    error = ServiceError(400, "client_disconnected", "The client closed the request.")
+    return envelope_response(error, request_id)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     request_id = _request_id(request)
     log.error(
@@ -187,6 +204,7 @@ def build_app(state: ServiceState) -> Starlette:
         exception_handlers={
             ServiceError: _on_service_error,
             HTTPException: _on_http_error,
+            ClientDisconnect: _on_client_disconnect,
             Exception: _on_unexpected,
         },
         lifespan=lifespan,

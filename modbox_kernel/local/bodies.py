@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.types import Message
 
 from .envelope import ServiceError, validation_error
@@ -32,16 +32,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     _check_declared(request, limit)
     chunks = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # The caller gave up (a kernel cancelling a waiting poll as it shuts down):
-        # nobody reads the answer, but it must not be logged as a crash.
-        raise ServiceError(400, "client_disconnected", "the client closed the request") from None
+    # A caller that gives up mid-body raises ClientDisconnect here; the app's handler
+    # answers it for every route (``app._on_client_disconnect``).
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
