@@ -1,13 +1,13 @@
-"""Whether a warm process can hand a child to a bubblewrap jail (a probe, not a feature).
+"""Whether a warm process can hand a child to a sandbox's jail (a probe, not a feature).
 
-``python bench/probe_jail_join.py`` (as root, bubblewrap and setpriv installed) starts a
-jail the way the local service's does in shape (unprivileged uid, every namespace
-unshared, capabilities dropped), then, as the same unprivileged uid, a process that
-forks a child which enters the jail: its namespaces, its root, its uid, then the
-service's own seccomp filter (``modbox_kernel.local.seccomp``) under ``no_new_privs``.
-The child reports what it sees; the probe exits 0 only when the child is inside (its
-own PID namespace, the jail's root and no host path, only loopback, no capability
-left, and the filter refusing ``unshare``).
+``python bench/probe_jail_join.py`` (as root, with bubblewrap: the service then drops
+each jail to an unprivileged uid) starts the local service (``EmbeddedService``),
+creates one sandbox and finds its supervisor. Then a process of the jail's uid forks a
+child which enters that jail: its namespaces, its root, then the service's own seccomp
+filter (``modbox_kernel.local.seccomp``) under ``no_new_privs``. The child reports
+what it sees; the probe exits 0 only when the child is inside: in every namespace the
+supervisor is in, at the supervisor's uid, seeing no host path, with no capability
+left and the filter refusing ``get_mempolicy``.
 
 It answers the feasibility question under ``docs/classroom.md`` ("Arrivals"): the
 service could start each sandbox's agent by forking a warm process instead of starting
@@ -22,22 +22,22 @@ drops the capabilities that joining a user namespace grants.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import fcntl
 import json
 import os
 import resource
-import shutil
+import secrets
 import subprocess
 import sys
-import time
 
-NOBODY = 65534
 NS_GET_PARENT = 0xB702
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
+GET_MEMPOLICY = 239  # x86_64, the one ABI the service's filter is written for
 CLONE = {
     "user": 0x10000000,
     "mnt": 0x00020000,
@@ -49,12 +49,6 @@ CLONE = {
 # The jail's namespaces in the order they can be entered: the outer user namespace
 # owns the others; the inner one (the jail's own) comes last.
 ORDER = ("outer", "mnt", "net", "ipc", "uts", "pid", "user")
-JAIL_ARGS = (
-    *("--unshare-all", "--die-with-parent", "--cap-drop", "ALL"),
-    *("--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib"),
-    *("--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin"),
-    *("--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"),
-)
 
 
 def _drop_capabilities(libc: ctypes.CDLL) -> None:
@@ -89,12 +83,15 @@ def _load_filter(libc: ctypes.CDLL, program: bytes) -> None:
 
 def join(target: int, program: bytes) -> int:
     """Run as the jail's uid: fork a child into ``target``'s jail; 0 if it got inside."""
-    import asyncio  # noqa: F401  (stands in for the warm imports)
+    import email.parser  # noqa: F401  (stands in for the warm imports)
 
     libc = ctypes.CDLL(None, use_errno=True)
     fds = {name: os.open(f"/proc/{target}/ns/{name}", os.O_RDONLY) for name in CLONE}
     fds["outer"] = fcntl.ioctl(fds["user"], NS_GET_PARENT)
     root = os.open(f"/proc/{target}/root", os.O_RDONLY)
+    # What "inside" means: the supervisor's namespaces and uid, read before the fork.
+    expected = {name: os.readlink(f"/proc/{target}/ns/{name}") for name in CLONE}
+    expected_uid = _status(target)["Uid"].split()[1]
     read, write = os.pipe()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     pid = os.fork()
@@ -113,21 +110,19 @@ def join(target: int, program: bytes) -> int:
                 _load_filter(libc, program)
             inner = os.fork()  # the PID namespace applies to children only
             if inner == 0:
-                status = dict(
-                    line.split(":\t", 1) for line in open("/proc/self/status") if ":\t" in line
-                )
-                with open("/proc/net/dev") as dev:
-                    interfaces = [line.split(":")[0].strip() for line in dev.readlines()[2:]]
+                status = _status("self")
                 seen = {
                     "pid": os.getpid(),
-                    "uid": os.getuid(),
+                    "uid": str(os.getuid()),
+                    "namespaces": {name: os.readlink(f"/proc/self/ns/{name}") for name in CLONE},
                     "root": sorted(os.listdir("/")),
                     "host_path_visible": os.path.exists(os.path.dirname(os.path.abspath(__file__))),
-                    "interfaces": interfaces,
-                    "cap_eff": status["CapEff"].strip(),
-                    "no_new_privs": status["NoNewPrivs"].strip(),
-                    "seccomp_filters": status.get("Seccomp_filters", "?").strip(),
-                    "unshare_refused": libc.unshare(CLONE["user"]) != 0,
+                    "cap_eff": status["CapEff"],
+                    "no_new_privs": status["NoNewPrivs"],
+                    "seccomp_filters": status.get("Seccomp_filters", "?"),
+                    # Allowed to any process but refused by the service's filter.
+                    "get_mempolicy_refused": libc.syscall(GET_MEMPOLICY, None, None, 0, None, 0)
+                    != 0,
                 }
                 os.write(write, json.dumps(seen).encode())
                 os._exit(0)
@@ -147,65 +142,84 @@ def join(target: int, program: bytes) -> int:
     print(json.dumps(seen, indent=1))
     inside = (
         "error" not in seen
-        and seen.get("pid", NOBODY) < 10
-        and seen.get("uid") == NOBODY
+        and seen.get("namespaces") == expected
+        and seen.get("uid") == expected_uid
         and seen.get("host_path_visible") is False
-        and seen.get("interfaces") == ["lo"]
         and int(seen.get("cap_eff", "1"), 16) == 0
         and seen.get("no_new_privs") == "1"
-        and seen.get("unshare_refused") is True
+        and seen.get("get_mempolicy_refused") is True
     )
     print("the child is inside the jail" if inside else "the child did NOT get inside")
     return 0 if inside else 1
 
 
+def _status(pid: int | str) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return {k: v.strip() for k, _, v in (line.partition(":\t") for line in status) if v}
+
+
+def _jailed(sandbox_id: str) -> int | None:
+    """The sandbox's supervisor: its process in a PID namespace other than ours."""
+    marker = f"MODBOX_SANDBOX_ID={sandbox_id}".encode()
+    ours = os.readlink("/proc/self/ns/pid")
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                if marker not in environ.read().split(b"\0"):
+                    continue
+            if os.readlink(f"/proc/{name}/ns/pid") != ours:
+                return int(name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _join_command(target: int, program: str) -> list[str]:
+    """This script's ``--join`` as the uid and gid of the jail's ``target``."""
+    status = _status(target)
+    uid, gid = status["Uid"].split()[1], status["Gid"].split()[1]
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    # Debian's python3: the jail's uid may not reach the service's interpreter (under
+    # /root), which the service stages for the jails alone.
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    return [*drop, python, os.path.abspath(__file__), "--join", str(target), program]
+
+
+async def probe() -> int:
+    from modbox_kernel.api import ModboxClient
+    from modbox_kernel.embedded import EmbeddedService
+    from modbox_kernel.local.seccomp import filter_program
+
+    service = EmbeddedService()
+    await service.start()
+    try:
+        if service.isolation != "bwrap" or os.geteuid() != 0:
+            print(f"needs root and bwrap (isolation: {service.isolation})", file=sys.stderr)
+            return 2
+        async with ModboxClient(service.base_url, service.token) as client:
+            created = await client.create_sandbox(
+                task_id=f"probe-join-{secrets.token_hex(4)}",
+                ttl_seconds=300,
+                env_vars={"SANDBOX_API_KEY": secrets.token_urlsafe(24)},
+            )
+            try:
+                await client.wait_until_running(created.id, timeout=60)
+                target = _jailed(created.id)
+                if target is None:
+                    print("found no process of the sandbox in its own jail", file=sys.stderr)
+                    return 2
+                child = _join_command(target, (filter_program() or b"").hex())
+                return (await asyncio.to_thread(subprocess.run, child)).returncode
+            finally:
+                await client.destroy_sandbox(created.id)
+    finally:
+        await service.stop()
+
+
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--join":
         return join(int(sys.argv[2]), bytes.fromhex(sys.argv[3]))
-    bwrap, setpriv = shutil.which("bwrap"), shutil.which("setpriv")
-    if os.geteuid() != 0 or not bwrap or not setpriv:
-        print("needs root, bwrap and setpriv", file=sys.stderr)
-        return 2
-    drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    jail = subprocess.Popen([*drop, bwrap, *JAIL_ARGS, "--", "/bin/sleep", "60"])
-    try:
-        target = None
-        for _ in range(100):  # bwrap's own processes come first, then sleep
-            found = subprocess.run(
-                ["pgrep", "-u", str(NOBODY), "-x", "sleep", "-P", ",".join(_descendants(jail.pid))],
-                capture_output=True,
-                text=True,
-            ).stdout.split()
-            if found:
-                target = int(found[0])
-                break
-            time.sleep(0.05)
-        if target is None:
-            print("the jail did not start", file=sys.stderr)
-            return 2
-        # Debian's /usr/bin/python3: the uid cannot reach an interpreter under /root.
-        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-        script = os.path.join(here, os.path.basename(__file__))
-        program = _service_filter().hex()
-        return subprocess.run([*drop, python, script, "--join", str(target), program]).returncode
-    finally:
-        jail.kill()
-        jail.wait()
-
-
-def _service_filter() -> bytes:
-    """The local service's seccomp program (empty where it has none: not x86_64)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from modbox_kernel.local.seccomp import filter_program
-
-    return filter_program() or b""
-
-
-def _descendants(pid: int) -> list[str]:
-    """``pid`` and its descendants (bwrap forks before the jail's command runs)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [str(pid), *[d for child in out for d in _descendants(int(child))]]
+    return asyncio.run(probe())
 
 
 if __name__ == "__main__":
