@@ -8,6 +8,7 @@ the app in-process with a registry that raises.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -188,7 +189,7 @@ def test_a_client_that_hangs_up_mid_body_is_one_log_line(
     if route == "upload":
         url, boundary = f"{local_sandbox.files_url}/upload", "b0undary"
         first = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="half.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
         ).encode() + b"x" * 4096
         content_type = f"multipart/form-data; boundary={boundary}"
@@ -202,6 +203,34 @@ def test_a_client_that_hangs_up_mid_body_is_one_log_line(
     assert "Traceback" not in local_service.log_text()
     listing = local_sandbox.http.get(local_sandbox.files_url, params={"path": "uploads"})
     assert "half.bin" not in {e["name"] for e in listing.json().get("entries", [])}
+
+
+def test_a_download_abandoned_midway_leaves_no_fd_open(
+    local_service: LocalService, local_sandbox: LocalSandbox
+) -> None:
+    # The stream stops at the hang-up without reaching the file's end; the service
+    # must still close the file (else one fd per abandoned download, until EMFILE).
+    assert local_sandbox.exec("head -c 20000000 /dev/zero > abandoned.bin")["exitCode"] == 0
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{local_service.pid}/fd"))
+
+    before = open_fds()
+    parts = urlsplit(local_sandbox.files_url)
+    for _ in range(5):
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET {parts.path}/download?path=abandoned.bin HTTP/1.1\r\n"
+                f"Host: {parts.hostname}:{parts.port}\r\n"
+                f"Authorization: Bearer {local_sandbox.access_token}\r\n\r\n".encode()
+            )
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    assert wait_until(lambda: open_fds() <= before, 10), (before, open_fds())
+    whole = local_sandbox.http.get(
+        f"{local_sandbox.files_url}/download", params={"path": "abandoned.bin"}
+    )
+    assert whole.status_code == 200 and len(whole.content) == 20_000_000
+    assert wait_until(lambda: open_fds() <= before, 10), (before, open_fds())
 
 
 def test_service_still_answers_after_all_that(

@@ -35,6 +35,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -247,13 +248,40 @@ def open_file(ws: Workspace, parts: list[str], limit: int) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def read_chunks(fd: int) -> Iterator[bytes]:
-    """Read an fd from :func:`open_file` to its end and close it."""
-    try:
-        while chunk := os.read(fd, CHUNK):
-            yield chunk
-    finally:
-        os.close(fd)
+class FileChunks:
+    """An fd from :func:`open_file`, read chunk by chunk in worker threads, closed once.
+
+    The download route streams it. A client that hangs up mid-download stops the
+    stream without finishing the iteration, so the fd must be closed by the response
+    itself (:meth:`close`); but a worker thread may be inside ``os.read`` at that
+    moment, and closing under it could let the number be reused by another open and
+    read. The lock makes the close wait for that read to end.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def read(self) -> bytes:
+        """The next chunk, ``b""`` at the end (which closes the fd) or once closed."""
+        with self._lock:
+            if self._closed:
+                return b""
+            chunk = os.read(self._fd, CHUNK)
+            if not chunk:
+                self._close_locked()
+            return chunk
+
+    def close(self) -> None:
+        """Close the fd if nothing did yet; blocks while a read is in progress."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
 
 
 def upload_name(filename: str | None) -> str:

@@ -13,6 +13,8 @@ file, link or empty directory. Paths are workspace-relative or absolute under th
 workspace path the sandbox sees. Each request borrows its own duplicate of the
 workspace fd, and the worker thread that uses it closes it (``_in_workspace``):
 closing it from the request would race a thread still running after a disconnect.
+A download's own file fd is closed by its response however the stream ends, a client
+hanging up midway included (``_FileResponse``).
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from starlette.concurrency import iterate_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import files
 from .auth import require_token
@@ -204,14 +206,39 @@ async def download(request: Request) -> Response:
         state, sandbox, files.open_file, parts, state.config.limits.download_max
     )
     filename = parts[-1]
-    return StreamingResponse(
-        iterate_in_threadpool(files.read_chunks(fd)),
+    return _FileResponse(
+        files.FileChunks(fd),
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(size),
             "Content-Disposition": f"attachment; filename*=UTF-8''{quote(filename)}",
         },
     )
+
+
+class _FileResponse(StreamingResponse):
+    """Streams a :class:`files.FileChunks` and closes its fd however the stream ends.
+
+    Starlette stops a streaming response when the client disconnects without closing
+    its iterator, which would leave the fd open in the service (one per abandoned
+    download, until the service runs out of them).
+    """
+
+    def __init__(self, chunks: files.FileChunks, **kwargs: Any) -> None:
+        self.chunks = chunks
+        super().__init__(self._stream(), **kwargs)
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        while chunk := await asyncio.to_thread(self.chunks.read):
+            yield chunk
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # In a worker thread: the close waits for a read still in progress, and
+            # the event loop must not. Nobody awaits it; the executor keeps it alive.
+            asyncio.get_running_loop().run_in_executor(None, self.chunks.close)
 
 
 async def delete_file(request: Request) -> JSONResponse:
