@@ -13,16 +13,26 @@ import base64
 import hashlib
 import io
 import os
+import resource
+import socket
 import subprocess
 import sys
 import types
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from service_helpers import LocalSandbox, LocalService, isolation_required, running_local_service
+from service_helpers import (
+    LocalSandbox,
+    LocalService,
+    create_sandbox,
+    destroy_sandbox,
+    isolation_required,
+    running_local_service,
+)
 
 from modbox_kernel.local import files
 from modbox_kernel.local.envelope import ServiceError
@@ -119,6 +129,48 @@ def test_a_full_host_serves_waiting_creates_first_come_first_served(tmp_path: Pa
         assert "1 earlier request waits" in overtaking.json()["error"]["hint"]
         assert _create(service, "c").status_code == 200
         assert _place(_create(service, "d")) == (1, 1)
+
+
+def _soft_nofile(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError("no 'Max open files' line")
+
+
+def test_a_flood_of_idle_connections_does_not_stop_the_service(tmp_path: Path) -> None:
+    # Started as systemd or a login shell would (soft limit 1024), the service lifts
+    # its soft limit, so a thousand connections that never send a request (anyone
+    # on the host can open them, no token needed) leave room to start a sandbox.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    flood = 1100
+    if hard != resource.RLIM_INFINITY and hard < flood + 2048:
+        pytest.skip(f"the hard open-files limit here ({hard}) leaves no room for the flood")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        context = running_local_service(tmp_path / "service.log")
+        service = context.__enter__()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    sockets: list[socket.socket] = []
+    try:
+        service_soft, service_hard = _soft_nofile(service.pid)
+        assert service_soft == service_hard != "1024", (service_soft, service_hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, flood + 1024), hard))
+        address = urlsplit(service.base_url)
+        for _ in range(flood):
+            sockets.append(socket.create_connection((address.hostname, address.port)))
+        sandbox = create_sandbox(service)
+        try:
+            assert sandbox.exec("echo alive")["stdout"] == "alive\n"
+        finally:
+            destroy_sandbox(sandbox)
+    finally:
+        for sock in sockets:
+            sock.close()
+        context.__exit__(None, None, None)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_a_place_in_line_lapses_when_its_holder_stops_asking(

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         except (StartupError, OSError) as exc:
             print(f"modbox-local: cannot start: {exc}", file=sys.stderr, flush=True)
             return 2
+        _raise_open_files_limit()
         if not become_subreaper():
             log.warning("could not become a child subreaper; ended jails may linger as zombies")
         cgroups = detect_cgroups(limits.memory, limits.nproc, limits.cpus)
@@ -440,6 +442,36 @@ def _print_owner_token(args: argparse.Namespace) -> int:
         print(f"--owner-token: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the service's own soft RLIMIT_NOFILE to its hard limit.
+
+    The usual soft limit (1024, from systemd or a login shell) is the whole class's
+    budget: every kernel's connections and every sandbox's pipes and fds share it,
+    and any student with a terminal on the hub can open a thousand idle connections
+    to the port. At the limit the service can accept nothing and start no jail. Each
+    sandbox keeps its own ``--nofile`` (prlimit in the jail), whatever this one is.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    # Some kernels refuse an infinite soft limit for files; fs.nr_open is the cap.
+    target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open files: could not raise the soft limit %d to %d: %s", soft, target, exc)
+        return
+    log.info("open files: soft limit raised from %d to %d", soft, target)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024 * 1024
 
 
 def _default_budget() -> int:
