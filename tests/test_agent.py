@@ -244,9 +244,10 @@ def test_start_reports_itself_and_writes_private_files(fresh: AgentUnderTest) ->
     assert stat.S_ISSOCK(sock.lstat().st_mode) and stat.S_IMODE(sock.lstat().st_mode) == 0o600
     assert [p.name for p in state.iterdir() if p.name.startswith(".agent.sock")] == []
     token = (state / "token").read_text().strip()
-    assert _ask_socket(sock, f"{token} {encode_request(protocol.query('info'))}")["reply"][
-        "pid"
-    ] == info["pid"]
+    assert (
+        _ask_socket(sock, f"{token} {encode_request(protocol.query('info'))}")["reply"]["pid"]
+        == info["pid"]
+    )
     assert _ask_socket(sock, f"wrong {encode_request(protocol.query('info'))}") == {
         "ok": False,
         "error": "bad token",

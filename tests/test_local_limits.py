@@ -384,4 +384,7 @@ def test_download_refuses_big_files_and_hard_links(workspace: files.Workspace) -
     assert linked.value.status == 409 and "2 hard links" in linked.value.message
     os.unlink(root / "alias")
     fd, size = files.open_file(workspace, ["mine"], limit=1024)
-    assert size == 4 and b"".join(files.read_chunks(fd)) == b"data"
+    chunks = files.FileChunks(fd)
+    assert size == 4 and chunks.read() == b"data" and chunks.read() == b""
+    chunks.close()  # already closed at the end: a second close is a no-op
+    assert chunks.read() == b""

@@ -222,7 +222,9 @@ def test_no_pooled_sandbox_outlives_its_service(tmp_path: Path) -> None:
     with running_local_service(tmp_path / "service.log", "--pool", "2") as service:
         assert wait_until(lambda: _health(service)["pooled"] == 2, 60), service.log_text()
         ids = _pooled_ids(service)
-        assert len(ids) == 2 and all(host_pids_of(i) for i in ids)
+        assert len(ids) == 2
+        # "pooled" counts sandboxes still being prepared too: wait for their processes.
+        assert wait_until(lambda: all(host_pids_of(i) for i in ids), 30), service.log_text()
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(10)
     assert wait_until(lambda: not any(host_pids_of(i) for i in ids), 10)
