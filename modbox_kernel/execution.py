@@ -62,7 +62,12 @@ class CellExecution:
             relay.flush()
             if self.control.escalated:
                 return await self._escalated_reply(relay)
-            text = "interrupted while waiting for the sandbox"
+            # The provisioning is shielded (session.ensure_ready): say so, or the user
+            # would think the interrupt gave up the sandbox, or the place in line.
+            text = (
+                "interrupted while waiting for the sandbox. It goes on starting (keeping "
+                "its place in line, if it waits for one), and the next cell runs in it."
+            )
             error = self.control.rewrite_error(
                 {
                     "ename": "KeyboardInterrupt",

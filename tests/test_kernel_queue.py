@@ -107,3 +107,43 @@ def test_a_wait_past_the_startup_timeout_is_one_sentence(two_seat_service: Local
     finally:
         for km, kc in started:
             stop_kernel(km, kc)
+
+
+def test_an_interrupted_wait_keeps_its_place_in_line(two_seat_service: LocalService) -> None:
+    # A student who presses stop while the first cell waits gets the prompt back at
+    # once, and loses neither the sandbox being started nor the place in line.
+    env = service_env(two_seat_service.base_url, two_seat_service.token)
+    started: list[tuple[Any, Any]] = []
+    try:
+        _take_both_seats(env, started)
+        km, kc = start_kernel(KERNEL_NAME, env)
+        started.append((km, kc))
+        run = submit(kc, "x = 'first'")
+        assert pump(kc, run, lambda: any("in line" in t for t in _progress_texts(run)), 30), (
+            run.describe()
+        )
+        km.interrupt_kernel()
+        assert pump(kc, run, lambda: run.done, 10), run.describe()
+        content = run.reply["content"]
+        assert run.status == "error" and content["ename"] == "KeyboardInterrupt", run.describe()
+        assert "keeping its place in line" in content["evalue"], content["evalue"]
+        assert any(m["msg_type"] == "clear_output" for m in run.outputs), run.describe()
+        # A later student queues behind the interrupted one.
+        later_km, later_kc = start_kernel(KERNEL_NAME, env)
+        started.append((later_km, later_kc))
+        later = submit(later_kc, "print('later')")
+        assert pump(
+            later_kc, later, lambda: any("number 2 of 2" in t for t in _progress_texts(later)), 30
+        ), later.describe()
+        # One place frees: it goes to the interrupted student, whose next cell runs.
+        stop_kernel(*started.pop(0))
+        again = run_cell(kc, "print('mine')", timeout=60)
+        assert again.status == "ok" and again.stdout == "mine\n", again.describe()
+        assert again.stderr == "", "the sandbox kept starting: no lost-state notice"
+        assert not pump(later_kc, later, lambda: bool(later.reply), 1.0), later.describe()
+        stop_kernel(*started.pop(0))
+        assert pump(later_kc, later, lambda: later.done, 60), later.describe()
+        assert later.status == "ok" and later.stdout == "later\n", later.describe()
+    finally:
+        for km, kc in started:
+            stop_kernel(km, kc)
